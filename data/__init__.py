@@ -1,0 +1,1 @@
+"""Data: local corpora, tokenizers, and deterministic, resumable, per-host sharded batch loaders."""

@@ -1,0 +1,1 @@
+"""Flax NNX model code. Pure modules: no mesh, no optimizer, no I/O; parameters carry logical axis names."""

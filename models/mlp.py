@@ -1,0 +1,50 @@
+"""Position-wise feed-forward block: GELU (tanh approximation by default) or SwiGLU."""
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.axes import constrain, param
+
+
+class MLP(nnx.Module):
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        *,
+        kind: Literal["gelu", "swiglu"],
+        gelu_approximate: bool,
+        use_bias: bool,
+        init_std: float,
+        out_std: float,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.kind, self.gelu_approximate, self.use_bias, self.dtype = kind, gelu_approximate, use_bias, dtype
+        init = jax.nn.initializers.normal(init_std)
+        # SwiGLU's gate and up projections are one matmul with a leading axis of 2.
+        n_in = 2 if kind == "swiglu" else 1
+        self.wi_DCF = param(rngs, init, (d_model, n_in, d_ff), ("embed", None, "mlp"))
+        self.wo_FD = param(rngs, jax.nn.initializers.normal(out_std), (d_ff, d_model), ("mlp", "embed"))
+        if use_bias:
+            self.bi_CF = param(rngs, jax.nn.initializers.zeros, (n_in, d_ff), (None, "mlp"))
+            self.bo_D = param(rngs, jax.nn.initializers.zeros, (d_model,), ("embed",))
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        dt = self.dtype
+        h_BTCF = jnp.einsum("btd,dcf->btcf", x_BTD.astype(dt), self.wi_DCF[...].astype(dt))
+        if self.use_bias:
+            h_BTCF = h_BTCF + self.bi_CF[...].astype(dt)
+        if self.kind == "swiglu":
+            h_BTF = jax.nn.silu(h_BTCF[:, :, 0]) * h_BTCF[:, :, 1]
+        else:
+            h_BTF = jax.nn.gelu(h_BTCF[:, :, 0], approximate=self.gelu_approximate)
+        h_BTF = constrain(h_BTF, ("batch", "length", "act_mlp"))
+        out_BTD = jnp.einsum("btf,fd->btd", h_BTF, self.wo_FD[...].astype(dt))
+        if self.use_bias:
+            out_BTD = out_BTD + self.bo_D[...].astype(dt)
+        return out_BTD

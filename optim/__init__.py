@@ -1,0 +1,1 @@
+"""Optax chains: AdamW and LAMB, learning-rate schedules, clipping, weight-decay masks, gradient accumulation."""

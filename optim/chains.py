@@ -1,0 +1,136 @@
+"""Optimizers as Optax chains, built from the `optim` config section alone.
+
+clip (global norm) -> AdamW or LAMB (decoupled weight decay under a mask) -> learning-rate schedule.
+Gradient accumulation lives here too: micro-batches are scanned inside the one jitted step, their *sums* of
+loss, weight and gradient are added, and the division by the total weight happens once, so the update does not
+depend on how the batch is split.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["adamw", "lamb"] = "adamw"
+    lr: float = 1e-3
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False  # embeddings (and the tied head) are not decayed by default
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 100
+    decay_steps: int = 0  # 0: decay over the whole run (train.steps)
+    min_lr_ratio: float = 0.1  # cosine/linear end at lr * min_lr_ratio
+    clip_norm: float = 1.0  # global-norm clipping; 0 disables
+    accum_steps: int = 1  # micro-batches per optimizer step
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if self.accum_steps < 1:
+            raise ValueError(f"optim.accum_steps must be >= 1, got {self.accum_steps}")
+        if self.warmup_steps < 0 or self.clip_norm < 0 or self.weight_decay < 0:
+            raise ValueError("optim.warmup_steps, optim.clip_norm and optim.weight_decay must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to lr, then cosine / linear decay to lr * min_lr_ratio, or constant."""
+    decay_steps = max(cfg.decay_steps or total_steps, cfg.warmup_steps + 1)
+    end = cfg.lr * cfg.min_lr_ratio
+    warmup = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+    if cfg.schedule == "cosine":
+        main = optax.cosine_decay_schedule(cfg.lr, decay_steps - cfg.warmup_steps, alpha=cfg.min_lr_ratio)
+    elif cfg.schedule == "linear":
+        main = optax.linear_schedule(cfg.lr, end, decay_steps - cfg.warmup_steps)
+    else:
+        main = optax.constant_schedule(cfg.lr)
+    return optax.join_schedules([warmup, main], [cfg.warmup_steps])
+
+
+# Weight matrices are named w*/head_*; embeddings embed_*/pos_*; norms and biases (scale_*, bias_*, b*) are
+# never decayed. A name outside these patterns is an error, so a new parameter cannot silently escape the rule.
+_MATRIX = re.compile(r"^(w|head_)")
+_EMBEDDING = re.compile(r"^(embed_|pos_)")
+_NO_DECAY = re.compile(r"^(scale_|bias_|b[a-z]*_)")
+
+
+def decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
+    """A pytree of bools: True where weight decay applies."""
+
+    def leaf(path, _):
+        name = str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
+        if _MATRIX.match(name):
+            return True
+        if _EMBEDDING.match(name):
+            return decay_embeddings
+        if _NO_DECAY.match(name):
+            return False
+        raise ValueError(f"parameter {jax.tree_util.keystr(path)} matches no weight-decay rule in optim/chains.py")
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def build_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = make_schedule(cfg, total_steps)
+    mask = lambda params: decay_mask(params, cfg.decay_embeddings)  # noqa: E731
+    if cfg.name == "adamw":
+        core = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
+    else:
+        core = optax.lamb(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
+    clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
+    return optax.chain(clip, core), schedule
+
+
+LossSums = Callable[[Any, dict, jax.Array], tuple[jax.Array, tuple[jax.Array, dict]]]
+
+
+def split_microbatches(batch: dict, accum_steps: int) -> dict:
+    """(B, ...) -> (A, B/A, ...), micro-batch i taking rows i, i+A, i+2A, ...
+
+    Strided rows keep each device's share of every micro-batch on that device when the batch is sharded in
+    contiguous blocks, so accumulation adds no data movement.
+    """
+
+    def split(x):
+        b = x.shape[0]
+        return x.reshape(b // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(loss_sums: LossSums, params: Any, batch: dict, accum_steps: int, key: jax.Array):
+    """Sum of (loss, weight, aux, grad) over micro-batches.
+
+    `loss_sums(params, micro_batch, key)` returns (loss_sum, (weight_sum, aux_sums)); its gradient is taken with
+    respect to loss_sum. The caller divides by the total weight once.
+    """
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+    if accum_steps == 1:
+        (loss, (weight, aux)), grads = grad_fn(params, batch, key)
+        return loss, weight, aux, grads
+
+    micro = split_microbatches(batch, accum_steps)
+    keys = jax.random.split(key, accum_steps)
+
+    def body(carry, xs):
+        mb, k = xs
+        (loss, (weight, aux)), grads = grad_fn(params, mb, k)
+        return jax.tree.map(jnp.add, carry, (loss, weight, aux, grads)), None
+
+    first_mb = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(lambda: grad_fn(params, first_mb, keys[0]))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (loss, (weight, aux)), grads = zeros
+    (loss, weight, aux, grads), _ = jax.lax.scan(body, (loss, weight, aux, grads), (micro, keys))
+    return loss, weight, aux, grads

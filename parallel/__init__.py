@@ -1,0 +1,1 @@
+"""Device meshes, the logical-to-mesh sharding rules, and multi-host start-up."""

@@ -1,0 +1,157 @@
+"""The `meshforge` command.
+
+    meshforge train  EXPERIMENT [--workdir DIR] [--section.key VALUE ...]
+    meshforge eval   [EXPERIMENT] [--workdir DIR] [--step N] [--section.key VALUE ...]
+    meshforge sample [EXPERIMENT] [--workdir DIR] [--step N] [--prompt TEXT] [--max-new-tokens N]
+                     [--temperature T] [--top-k K] [--num-samples N] [--seed S]
+
+Exit codes: 0 done, 2 user error (one line on stderr), 1 bug (traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from parallel.errors import UserError
+
+VERBS = ("train", "eval", "sample")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own mistakes are user errors too: one line, exit 2
+        raise UserError(message)
+
+
+def _parser(verb: str) -> argparse.ArgumentParser:
+    p = _Parser(prog=f"meshforge {verb}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", nargs="?" if verb != "train" else None, help="experiment file, e.g. "
+                   "experiments/shakespeare_char.py")
+    p.add_argument("--workdir", help="run directory (default: runs/<experiment name>)")
+    if verb == "train":
+        p.add_argument("--coordinator", help="multi-process: address of process 0, host:port")
+        p.add_argument("--num-processes", type=int, help="multi-process: number of processes")
+        p.add_argument("--process-id", type=int, help="multi-process: this process's index")
+    else:
+        p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    if verb == "sample":
+        p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+        p.add_argument("--max-new-tokens", type=int, default=200)
+        p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+        p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+        p.add_argument("--num-samples", type=int, default=1)
+        p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Separate `--section.key VALUE` / `--section.key=VALUE` overrides from the verb's own flags."""
+    rest, overrides = [], {}
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        name = a[2:].split("=", 1)[0] if a.startswith("--") else ""
+        if "." in name:
+            if "=" in a:
+                overrides[name] = a.split("=", 1)[1]
+            elif i + 1 < len(argv):
+                overrides[name] = argv[i + 1]
+                i += 1
+            else:
+                raise UserError(f"--{name}: missing value")
+        else:
+            rest.append(a)
+        i += 1
+    return rest, overrides
+
+
+def _config(verb: str, args, overrides):
+    """The run config: the experiment file (train), or the run's saved config.json (eval, sample)."""
+    from train.config import apply_overrides, from_dict, load_experiment
+
+    if args.experiment:
+        cfg = load_experiment(args.experiment)
+    elif args.workdir:
+        path = Path(args.workdir) / "config.json"
+        if not path.exists():
+            raise UserError(f"--workdir {args.workdir}: no config.json; pass the experiment file too")
+        cfg = from_dict(json.loads(path.read_text()))
+    else:
+        raise UserError("give an experiment file or --workdir of a finished run")
+    cfg = apply_overrides(cfg, overrides)
+    workdir = Path(args.workdir) if args.workdir else Path("runs") / cfg.name
+    if verb != "train" and args.experiment and (workdir / "config.json").exists():
+        # eval/sample on an existing run: its saved config is the one its checkpoints were made with
+        saved = from_dict(json.loads((workdir / "config.json").read_text()))
+        cfg = apply_overrides(saved, overrides)
+    return cfg, workdir
+
+
+def run(verb: str, argv: list[str]) -> int:
+    rest, overrides = split_overrides(argv)
+    args = _parser(verb).parse_args(rest)
+    cfg, workdir = _config(verb, args, overrides)
+
+    from parallel.mesh import configure_cpu_devices, maybe_initialize_distributed
+
+    configure_cpu_devices(cfg.mesh.cpu_devices)  # must precede the first JAX backend use
+    if verb == "train":
+        maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        from train.loop import train
+
+        train(cfg, workdir)
+        return 0
+
+    from train.loop import evaluate, restore_for_inference
+
+    setup, params, step = restore_for_inference(cfg, workdir, args.step)
+    if verb == "eval":
+        from parallel.rules import activate
+        from train.step import make_eval_step
+
+        with activate(setup.mesh):
+            eval_step = make_eval_step(setup.mdef, setup.shardings["params"], setup.batch_sharding)
+            val_loss = evaluate(setup, params, eval_step, setup.cfg.train.eval_batches)
+        print(json.dumps({"step": step, "val_loss": round(val_loss, 6), "workdir": str(workdir)}))
+        return 0
+
+    from parallel.mesh import batch_divisor
+    from train.sample import generate
+
+    if args.num_samples < 1 or args.max_new_tokens < 0:
+        raise UserError("--num-samples must be >= 1 and --max-new-tokens >= 0")
+    prompt = setup.tokenizer.encode(args.prompt)
+    if len(prompt) == 0:
+        raise UserError("--prompt: give at least one character")
+    div = batch_divisor(setup.mesh)
+    n = -(-args.num_samples // div) * div  # whole rows per device; extra samples are dropped
+    out = generate(setup.mdef, params, prompt, max_new_tokens=args.max_new_tokens, window=setup.cfg.train.seq_len,
+                   vocab_limit=setup.tokenizer.vocab_size, temperature=args.temperature, top_k=args.top_k,
+                   seed=args.seed, num_samples=n)
+    for i, ids in enumerate(out[: args.num_samples]):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} (step {step}) ---")
+        print(setup.tokenizer.decode(ids))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
+        print(__doc__.strip())
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    try:
+        return run(argv[0], argv[1:])
+    except UserError as e:
+        print(f"meshforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("meshforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

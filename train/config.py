@@ -1,0 +1,182 @@
+"""The run config: one frozen dataclass per section, command-line overrides, experiment-file loading.
+
+Each section's dataclass lives with the code that consumes it (ModelConfig in models/, OptimConfig in optim/,
+...); this module only assembles them. Overrides are type-checked against the dataclass field types.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from data.config import DataConfig
+from models.transformer import ModelConfig
+from optim.chains import OptimConfig
+from parallel.errors import UserError
+from parallel.mesh import MeshConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 12  # global batch, in sequences
+    seq_len: int = 64
+    seed: int = 0
+    eval_every: int = 500  # 0: evaluate only at the end
+    eval_batches: int = 0  # 0: the whole validation split
+    eval_batch_size: int = 64
+    checkpoint_every: int = 500  # 0: only at the end
+    keep_checkpoints: int = 3
+    log_every: int = 50
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "eval_batch_size", "keep_checkpoints", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_batches", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    progress: Literal["auto", "bar", "lines", "none"] = "auto"  # auto: a bar on a terminal, lines otherwise
+    tensorboard: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    log: LogConfig = LogConfig()
+    name: str = "experiment"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "name")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def parse_value(key: str, raw: Any, tp: Any) -> Any:
+    """Convert a command-line string (or a JSON value) to the field's type, or raise UserError naming the key."""
+    if typing.get_origin(tp) is Literal:
+        allowed = typing.get_args(tp)
+        for a in allowed:
+            if raw == a or str(raw) == str(a):
+                return a
+        raise UserError(f"--{key}: {raw!r} is not allowed; use {_type_name(tp)}")
+    if tp is bool:
+        if isinstance(raw, bool):
+            return raw
+        s = str(raw).lower()
+        if s in ("1", "true", "yes", "on"):
+            return True
+        if s in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"--{key}: expects true or false, got {raw!r}")
+    if tp is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        text = str(raw).replace("_", "")
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:  # 1e3 is a fine way to write 1000
+            f = float(text)
+        except ValueError:
+            f = float("nan")
+        if f.is_integer():
+            return int(f)
+        raise UserError(f"--{key}: expects an integer, got {raw!r}")
+    if tp is float:
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise UserError(f"--{key}: expects a number, got {raw!r}") from None
+    if tp is str:
+        return str(raw)
+    raise UserError(f"--{key}: cannot be set from the command line")
+
+
+def field_types(section: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(section))
+    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Apply {'optim.lr': '3e-4', ...}. Unknown keys and wrong types raise UserError with the allowed values."""
+    changes: dict[str, dict[str, Any]] = {}
+    for key, raw in overrides.items():
+        if key == "name":
+            cfg = dataclasses.replace(cfg, name=str(raw))
+            continue
+        section, _, field = key.partition(".")
+        if section not in SECTIONS or not field:
+            close = difflib.get_close_matches(section, SECTIONS, n=1)
+            hint = f"did you mean '{close[0]}.{field}'? " if close and field else ""
+            raise UserError(f"--{key}: unknown config key; {hint}sections are {', '.join(SECTIONS)}")
+        types_ = field_types(getattr(cfg, section))
+        if field not in types_:
+            close = difflib.get_close_matches(field, types_, n=1)
+            hint = f"did you mean '{section}.{close[0]}'? " if close else ""
+            raise UserError(f"--{key}: unknown config key; {hint}{section} has: {', '.join(types_)}")
+        changes.setdefault(section, {})[field] = parse_value(key, raw, types_[field])
+    for section, fields in changes.items():
+        try:
+            new = dataclasses.replace(getattr(cfg, section), **fields)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        cfg = dataclasses.replace(cfg, **{section: new})
+    return cfg
+
+
+def from_dict(d: dict) -> Config:
+    """Rebuild a Config from config.json (for eval/sample on a finished run)."""
+    flat = {f"{s}.{k}": v for s in SECTIONS for k, v in d.get(s, {}).items()}
+    cfg = apply_overrides(Config(), flat)
+    return dataclasses.replace(cfg, name=d.get("name", cfg.name))
+
+
+def load_experiment(path: str) -> Config:
+    """Import an experiment file and call its get_config()."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"experiment file not found: {path} (try experiments/shakespeare_char.py)")
+    spec = importlib.util.spec_from_file_location(f"meshforge_experiment_{p.stem}", p)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    except ValueError as e:  # a section's own validation, e.g. ModelConfig(d_model=130, n_heads=4)
+        raise UserError(f"{path}: {e}") from None
+    if not hasattr(module, "get_config"):
+        raise UserError(f"{path}: an experiment file must define get_config() returning a train.config.Config")
+    try:
+        cfg = module.get_config()
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
+    if not isinstance(cfg, Config):
+        raise UserError(f"{path}: get_config() must return a train.config.Config, got {type(cfg).__name__}")
+    if cfg.name == Config.name:
+        cfg = dataclasses.replace(cfg, name=p.stem)
+    return cfg

@@ -1,0 +1,111 @@
+"""Where a run's numbers go: metrics.jsonl, TensorBoard events, and a progress display.
+
+Only process 0 writes. The display is a rich progress bar on a terminal and plain lines elsewhere (CI, logs).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+
+class MetricsWriter:
+    def __init__(self, workdir: Path, *, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.path = workdir / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(workdir / "tb"), flush_secs=30)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop lines a killed run logged past the checkpoint we continue from."""
+        if not (self.enabled and self.path.exists()):
+            return
+        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+        keep = []
+        for ln in lines:
+            try:
+                if json.loads(ln).get("step", 0) <= step:
+                    keep.append(ln)
+            except json.JSONDecodeError:
+                pass  # a line cut short by a kill
+        self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _plain(v):
+    v = v.item() if hasattr(v, "item") else v
+    return round(v, 6) if isinstance(v, float) else v
+
+
+def fmt_duration(s: float) -> str:
+    s = max(0, int(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """A live bar (steps, loss, tokens/s, ETA) on a TTY; one plain line per logged step otherwise."""
+
+    def __init__(self, total: int, start: int, mode: str, enabled: bool):
+        self.total, self.start, self.enabled = total, start, enabled
+        tty = sys.stderr.isatty()
+        self.mode = ("bar" if tty else "lines") if mode == "auto" else mode
+        self.t0 = time.perf_counter()
+        self.bar = None
+        if enabled and self.mode == "bar":
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
+                TimeRemainingColumn
+
+            self.bar = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+            self.task = self.bar.add_task("train", total=total, completed=start, info="compiling")
+            self.bar.start()
+
+    def update(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        info = " | ".join(_fmt(k, metrics[k]) for k in ("loss", "val_loss", "tokens_per_s", "step_ms") if k in metrics)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+        elif self.mode == "lines":
+            done = step - self.start
+            eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.total - step)
+            print(f"step {step}/{self.total} | {info} | eta {fmt_duration(eta)}", file=sys.stderr, flush=True)
+
+    def log(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.console.print(msg)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _fmt(k: str, v) -> str:
+    if k == "tokens_per_s":
+        return f"{v / 1000:.1f}k tok/s"
+    if k == "step_ms":
+        return f"{v:.1f} ms/step"
+    return f"{k} {v:.4f}"

@@ -1,0 +1,99 @@
+"""Assemble a run from its config: mesh, data, tokenizer, model definition, optimizer, shardings.
+
+Everything here only reads and validates; nothing touches the workdir, so a bad config fails before any file of
+an existing run could change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from data.sources import read_text, text_splits
+from data.tokenize import Tokenizer, build_tokenizer, load_tokenizer
+from optim.chains import build_optimizer
+from parallel.errors import UserError
+from parallel.mesh import batch_divisor, batch_sharding, make_mesh
+from train.config import Config
+from train.state import ModelDef, State, model_def, state_shardings
+
+VOCAB_MULTIPLE = 64  # padded vocabularies shard evenly over tensor axes and keep matmul shapes aligned
+
+
+@dataclasses.dataclass
+class Setup:
+    cfg: Config
+    mesh: Mesh
+    tokenizer: Tokenizer
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+    mdef: ModelDef
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    shardings: State
+    batch_sharding: NamedSharding
+
+
+def load_data(cfg: Config, workdir: Path | None) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
+    saved = workdir / "tokenizer.json" if workdir else None
+    if saved is not None and saved.exists():
+        tok = load_tokenizer(saved)  # a resumed or evaluated run keeps the ids it was trained with
+    else:
+        tok = build_tokenizer(cfg.data.tokenizer, read_text(cfg.data.path))
+    train_ids, val_ids = text_splits(cfg.data.path, cfg.data.val_fraction, tok)
+    return tok, train_ids, val_ids
+
+
+def resolve_model(cfg: Config, vocab_size: int) -> Config:
+    m = cfg.model
+    if m.vocab_size == 0:
+        m = dataclasses.replace(m, vocab_size=-(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
+    elif m.vocab_size < vocab_size:
+        raise UserError(f"model.vocab_size: {m.vocab_size} is smaller than the tokenizer's {vocab_size}; "
+                        "raise it or leave it 0 to follow the tokenizer")
+    if cfg.train.seq_len > m.max_seq_len:
+        if m.positions == "learned":
+            raise UserError(f"train.seq_len ({cfg.train.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}) "
+                            "with learned positions; raise model.max_seq_len")
+        m = dataclasses.replace(m, max_seq_len=cfg.train.seq_len)
+    return dataclasses.replace(cfg, model=m)
+
+
+def check_batch(cfg: Config, mesh: Mesh) -> None:
+    div = batch_divisor(mesh)
+    per_step = cfg.optim.accum_steps * div
+    if cfg.train.batch_size % per_step:
+        what = f"{div} (the data-parallel size)" if cfg.optim.accum_steps == 1 else \
+            f"{per_step} (optim.accum_steps {cfg.optim.accum_steps} x data-parallel size {div})"
+        raise UserError(f"train.batch_size: {cfg.train.batch_size} is not divisible by {what}; "
+                        f"use a multiple of {per_step}")
+
+
+def build(cfg: Config, workdir: Path | None = None) -> Setup:
+    mesh = make_mesh(cfg.mesh)
+    check_batch(cfg, mesh)
+    tok, train_ids, val_ids = load_data(cfg, workdir)
+    cfg = resolve_model(cfg, tok.vocab_size)
+    mdef = model_def(cfg.model)
+    tx, schedule = build_optimizer(cfg.optim, cfg.train.steps)
+    shardings = state_shardings(tx, mdef, mesh)
+    return Setup(cfg, mesh, tok, train_ids, val_ids, mdef, tx, schedule, shardings, batch_sharding(mesh))
+
+
+def check_resumable(cfg: Config, workdir: Path) -> None:
+    """Refuse to continue a run whose saved model differs in shape from the configured one."""
+    path = workdir / "config.json"
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text()).get("model", {})
+    now = dataclasses.asdict(cfg.model)
+    shape_keys = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "positions", "norm", "mlp",
+                  "tie_embeddings", "use_bias", "scan_layers")
+    diff = [f"model.{k}: {saved.get(k)} -> {now[k]}" for k in shape_keys if k in saved and saved[k] != now[k]]
+    if diff:
+        raise UserError(f"{workdir} holds a run with a different model ({'; '.join(diff)}); "
+                        "use a new --workdir, or the run's original model settings")

@@ -1,0 +1,104 @@
+"""The sharded train state: {'step', 'params', 'opt_state'} as plain pytrees, created already sharded.
+
+Parameters are plain nested dicts of arrays (the NNX state's pure form): easy to checkpoint, export and diff.
+`ModelDef` keeps the NNX graph and the abstract state needed to turn such a dict back into a module.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from flax.core import spmd
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from models.transformer import ModelConfig, Transformer
+from parallel.errors import UserError
+from parallel.rules import RULES
+
+State = dict[str, Any]
+
+
+@dataclasses.dataclass
+class ModelDef:
+    cfg: ModelConfig
+    graphdef: Any
+    abstract: nnx.State  # Variables holding ShapeDtypeStructs and their logical-axis metadata
+
+    def module(self, params: dict) -> Transformer:
+        state = jax.tree.map(lambda v: v, self.abstract)  # a fresh copy to fill
+        state.replace_by_pure_dict(params)
+        return nnx.merge(self.graphdef, state)
+
+    def apply(self, params: dict, tokens_BT: jax.Array, **kwargs) -> jax.Array:
+        return self.module(params)(tokens_BT, **kwargs)
+
+    def init_params(self, seed: int) -> dict:
+        return nnx.state(Transformer(self.cfg, rngs=nnx.Rngs(params=seed))).to_pure_dict()
+
+    def param_shapes(self) -> dict:
+        return self.abstract.to_pure_dict()
+
+    def logical_axes(self) -> dict:
+        is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+        return jax.tree.map(lambda v: tuple(v.get_metadata().get("out_sharding") or ()), self.abstract,
+                            is_leaf=is_var).to_pure_dict()
+
+
+def model_def(cfg: ModelConfig) -> ModelDef:
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    return ModelDef(cfg, graphdef, abstract)
+
+
+def param_shardings(mdef: ModelDef, mesh: Mesh) -> dict:
+    """NamedSharding per parameter from the rules table; refuses shapes the mesh cannot split evenly."""
+    with spmd.logical_axis_rules(RULES):
+        specs = nnx.get_partition_spec(mdef.abstract).to_pure_dict()
+    shapes = mdef.param_shapes()
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    for (path, spec), shape in zip(jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0],
+                                   jax.tree.leaves(shapes)):
+        for dim, axes in zip(shape.shape, spec):
+            axes = axes if isinstance(axes, tuple) else (axes,)
+            n = math.prod(mesh.shape[a] for a in axes if a)
+            if dim % n:
+                name = "/".join(str(getattr(k, "key", k)) for k in path)
+                split = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes if a)
+                raise UserError(f"mesh: parameter {name} has a dimension of {dim} that {split} cannot split "
+                                f"evenly; choose model sizes divisible by the mesh or a smaller mesh axis")
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=is_spec)
+
+
+def state_shardings(tx: optax.GradientTransformation, mdef: ModelDef, mesh: Mesh) -> State:
+    """Shardings for the whole state: optimizer moments follow their parameter, scalars are replicated."""
+    p_shard = param_shardings(mdef, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_shapes = jax.eval_shape(tx.init, mdef.param_shapes())
+    opt_shard = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, p_shard,
+                                      transform_non_params=lambda _: replicated)
+    return {"step": replicated, "params": p_shard, "opt_state": opt_shard}
+
+
+def abstract_state(tx: optax.GradientTransformation, mdef: ModelDef, shardings: State) -> State:
+    """ShapeDtypeStructs carrying the *current* mesh's shardings: the restore target for Orbax."""
+    shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": mdef.param_shapes(),
+              "opt_state": jax.eval_shape(tx.init, mdef.param_shapes())}
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def init_state(tx: optax.GradientTransformation, mdef: ModelDef, shardings: State, seed: int) -> State:
+    """Initialise parameters and optimizer state inside one jit whose outputs are already sharded."""
+
+    def init():
+        params = mdef.init_params(seed)
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def count_params(params: dict) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
