@@ -31,22 +31,22 @@ class ModelDef:
 
     def module(self, params: dict) -> Transformer:
         state = jax.tree.map(lambda v: v, self.abstract)  # a fresh copy to fill
-        state.replace_by_pure_dict(params)
+        nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self.graphdef, state)
 
     def apply(self, params: dict, tokens_BT: jax.Array, **kwargs) -> jax.Array:
         return self.module(params)(tokens_BT, **kwargs)
 
     def init_params(self, seed: int) -> dict:
-        return nnx.state(Transformer(self.cfg, rngs=nnx.Rngs(params=seed))).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(Transformer(self.cfg, rngs=nnx.Rngs(params=seed))))
 
     def param_shapes(self) -> dict:
-        return self.abstract.to_pure_dict()
+        return nnx.to_pure_dict(self.abstract)
 
     def logical_axes(self) -> dict:
         is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-        return jax.tree.map(lambda v: tuple(v.get_metadata().get("out_sharding") or ()), self.abstract,
-                            is_leaf=is_var).to_pure_dict()
+        return nnx.to_pure_dict(jax.tree.map(lambda v: tuple(v.get_metadata().get("out_sharding") or ()),
+                                             self.abstract, is_leaf=is_var))
 
 
 def model_def(cfg: ModelConfig) -> ModelDef:
@@ -57,7 +57,7 @@ def model_def(cfg: ModelConfig) -> ModelDef:
 def param_shardings(mdef: ModelDef, mesh: Mesh) -> dict:
     """NamedSharding per parameter from the rules table; refuses shapes the mesh cannot split evenly."""
     with spmd.logical_axis_rules(RULES):
-        specs = nnx.get_partition_spec(mdef.abstract).to_pure_dict()
+        specs = nnx.to_pure_dict(nnx.get_partition_spec(mdef.abstract))
     shapes = mdef.param_shapes()
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
     for (path, spec), shape in zip(jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0],

@@ -40,7 +40,7 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, schedule: 
         grads = jax.tree.map(lambda g: g / denom, grad_sums)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
+        metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                    "tokens": weight_sum}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 

@@ -1,0 +1,53 @@
+"""Config overrides: types, allowed values, unknown keys with suggestions, experiment loading."""
+import dataclasses
+
+import pytest
+
+from parallel.errors import UserError
+from train.config import Config, apply_overrides, from_dict, load_experiment
+
+
+def test_typed_overrides():
+    cfg = apply_overrides(Config(), {"optim.lr": "3e-4", "train.steps": "1e3", "model.scan_layers": "true",
+                                     "optim.name": "lamb", "mesh.fsdp": "-1", "mesh.data": "1"})
+    assert cfg.optim.lr == 3e-4 and cfg.train.steps == 1000 and cfg.model.scan_layers is True
+    assert cfg.optim.name == "lamb" and cfg.mesh.fsdp == -1
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("optim.lrr", "1", "did you mean 'optim.lr'"),
+    ("optimizer.lr", "1", "did you mean 'optim.lr'"),
+    ("train.steps", "ten", "expects an integer"),
+    ("train.steps", "2.5", "expects an integer"),
+    ("optim.lr", "fast", "expects a number"),
+    ("optim.name", "sgd", "'adamw', 'lamb'"),
+    ("model.scan_layers", "maybe", "true or false"),
+    ("model.n_heads", "3", "divisible"),
+    ("train.batch_size", "0", "must be positive"),
+])
+def test_bad_overrides_name_the_key(key, value, match):
+    with pytest.raises(UserError, match=match) as e:
+        apply_overrides(Config(), {key: value})
+    assert "\n" not in str(e.value)
+
+
+def test_round_trip_through_json():
+    cfg = apply_overrides(load_experiment("experiments/shakespeare_char.py"), {"optim.lr": "2e-3"})
+    import json
+
+    again = from_dict(json.loads(cfg.to_json()))
+    assert again == cfg and again.name == "shakespeare_char"
+
+
+def test_experiment_loading_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_experiment(str(tmp_path / "nope.py"))
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = 1\n")
+    with pytest.raises(UserError, match="get_config"):
+        load_experiment(str(bad))
+
+
+def test_sections_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().optim.lr = 1.0

@@ -1,0 +1,96 @@
+"""Transformer behaviour: causality, document masking, scan == loop, remat == no remat, parameter budget."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import TINY
+from models.transformer import ModelConfig, Transformer, count_params
+
+
+def _model(**kw):
+    return Transformer(dataclasses.replace(TINY, **kw), rngs=nnx.Rngs(0))
+
+
+def test_shakespeare_budget_matches_nanogpt():
+    # nanoGPT's baby GPT: 4 layers x 12 * 128^2, plus a 65 x 128 token embedding (it does not count positions).
+    nanogpt = 4 * 12 * 128 ** 2 + 65 * 128
+    from experiments.shakespeare_char import get_config
+
+    cfg = dataclasses.replace(get_config().model, vocab_size=128)  # the run pads the 65 characters to 128
+    n = count_params(Transformer(cfg, rngs=nnx.Rngs(0)))
+    assert abs(n - nanogpt) / nanogpt < 0.10, (n, nanogpt)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(positions="learned", mlp="swiglu", n_kv_heads=2, norm="layernorm")])
+def test_causal(kw):
+    m = _model(**kw)
+    toks = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
+    changed = toks.at[:, 10:].set((toks[:, 10:] + 1) % 64)
+    a, b = m(toks), m(changed)
+    np.testing.assert_allclose(a[:, :10], b[:, :10], atol=1e-6)
+    assert not np.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_segments_isolate_documents():
+    """A document's outputs do not change when a different document is packed before it."""
+    m = _model()
+    doc = jax.random.randint(jax.random.key(2), (1, 8), 0, 64)
+    other1 = jax.random.randint(jax.random.key(3), (1, 8), 0, 64)
+    other2 = jax.random.randint(jax.random.key(4), (1, 8), 0, 64)
+    seg = jnp.array([[0] * 8 + [1] * 8])
+    pos = jnp.array([list(range(8)) * 2])
+    out1 = m(jnp.concatenate([other1, doc], 1), segment_ids_BT=seg, positions_BT=pos)
+    out2 = m(jnp.concatenate([other2, doc], 1), segment_ids_BT=seg, positions_BT=pos)
+    alone = m(doc)
+    np.testing.assert_allclose(out1[:, 8:], out2[:, 8:], atol=1e-5)
+    np.testing.assert_allclose(out1[:, 8:], alone, atol=1e-5)
+    unmasked = m(jnp.concatenate([other1, doc], 1), positions_BT=pos)
+    assert not np.allclose(unmasked[:, 8:], alone, atol=1e-3)
+
+
+def test_scan_equals_loop():
+    loop = _model()
+    scan = _model(scan_layers=True)
+    loop_state = nnx.to_pure_dict(nnx.state(loop))
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[loop_state["blocks"][i] for i in range(TINY.n_layers)])
+    scan_state = nnx.state(scan)
+    nnx.replace_by_pure_dict(scan_state, {**loop_state, "blocks": stacked})
+    nnx.update(scan, scan_state)
+    toks = jax.random.randint(jax.random.key(5), (2, 16), 0, 64)
+    np.testing.assert_allclose(loop(toks), scan(toks), atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_keeps_gradients(remat):
+    toks = jax.random.randint(jax.random.key(6), (2, 16), 0, 64)
+    grads = []
+    for policy in ("none", remat):
+        m = _model(remat=policy, scan_layers=True)
+        grads.append(nnx.grad(lambda m: m(toks).mean())(m))
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_dropout_is_active_only_with_a_key():
+    m = _model(dropout=0.5)
+    toks = jnp.zeros((1, 16), jnp.int32)
+    np.testing.assert_allclose(m(toks), m(toks))
+    assert not np.allclose(m(toks, dropout_key=jax.random.key(0)), m(toks, dropout_key=jax.random.key(1)))
+
+
+def test_bfloat16_compute_keeps_float32_logits_and_params():
+    m = _model(dtype="bfloat16")
+    out = m(jnp.zeros((1, 16), jnp.int32))
+    assert out.dtype == jnp.float32
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="n_heads"):
+        ModelConfig(d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        ModelConfig(n_heads=4, n_kv_heads=3)
