@@ -122,18 +122,18 @@ def run(verb: str, argv: list[str]) -> int:
 
     if args.num_samples < 1 or args.max_new_tokens < 0:
         raise UserError("--num-samples must be >= 1 and --max-new-tokens >= 0")
-    prompt = setup.tokenizer.encode(args.prompt)
+    prompt = setup.data.tokenizer.encode(args.prompt)
     if len(prompt) == 0:
         raise UserError("--prompt: give at least one character")
     div = batch_divisor(setup.mesh)
     n = -(-args.num_samples // div) * div  # whole rows per device; extra samples are dropped
     out = generate(setup.mdef, params, prompt, max_new_tokens=args.max_new_tokens, window=setup.cfg.train.seq_len,
-                   vocab_limit=setup.tokenizer.vocab_size, temperature=args.temperature, top_k=args.top_k,
+                   vocab_limit=setup.data.tokenizer.vocab_size, temperature=args.temperature, top_k=args.top_k,
                    seed=args.seed, num_samples=n)
     for i, ids in enumerate(out[: args.num_samples]):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} (step {step}) ---")
-        print(setup.tokenizer.decode(ids))
+        print(setup.data.tokenizer.decode(ids))
     return 0
 
 

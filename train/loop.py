@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from data.loader import WindowLoader, eval_batches, process_rows, to_global
+from data.loader import process_rows, to_global
 from data.tokenize import save_tokenizer
 from parallel.errors import UserError
 from parallel.mesh import batch_divisor
@@ -30,7 +30,7 @@ def evaluate(setup: Setup, params, eval_step, max_batches: int = 0) -> float:
     batch_size = -(-cfg.eval_batch_size // div) * div  # padded rows have zero weight
     rows = process_rows(bs, batch_size)
     sums = []
-    for host_batch in eval_batches(setup.val_ids, batch_size, cfg.seq_len, rows, max_batches):
+    for host_batch in setup.data.eval_batches(batch_size, rows, max_batches):
         sums.append(eval_step(params, to_global(host_batch, bs, batch_size)))
     loss, weight = (float(sum(x)) for x in zip(*jax.device_get(sums)))
     return loss / max(weight, 1.0)
@@ -70,7 +70,7 @@ def train(cfg: Config, workdir: Path) -> dict:
         if is_main:
             workdir.mkdir(parents=True, exist_ok=True)
             (workdir / "config.json").write_text(cfg.to_json())
-            save_tokenizer(setup.tokenizer, workdir / "tokenizer.json")
+            save_tokenizer(setup.data.tokenizer, workdir / "tokenizer.json")
         metrics = MetricsWriter(workdir, enabled=is_main, tensorboard=cfg.log.tensorboard)
         if resuming:
             metrics.truncate_after(start)
@@ -80,9 +80,8 @@ def train(cfg: Config, workdir: Path) -> dict:
                      f"{dict(setup.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices | "
                      f"{'resuming at step ' + str(start) if resuming else 'new run'} | workdir {workdir}")
 
-        loader = WindowLoader(setup.train_ids, tc.batch_size, tc.seq_len, tc.seed)
         rows = process_rows(setup.batch_sharding, tc.batch_size)
-        batch = lambda s: to_global(loader.host_batch(s, rows), setup.batch_sharding, tc.batch_size)  # noqa: E731
+        batch = lambda s: to_global(setup.data.train_batch(s, rows), setup.batch_sharding, tc.batch_size)  # noqa: E731
 
         t_start = time.perf_counter()
         next_batch = batch(start)
@@ -123,10 +122,10 @@ def train(cfg: Config, workdir: Path) -> dict:
             if (tc.eval_every and done % tc.eval_every == 0) or done == tc.steps:
                 val_loss = evaluate(setup, state["params"], eval_step, tc.eval_batches)
                 metrics.write(done, {"val_loss": val_loss})
-                progress.update(done, {**last, "val_loss": val_loss})
+                progress.log(f"eval at step {done}: val_loss {val_loss:.4f}")
                 evaluated = True
             if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps:
-                ckpt.save(done, state, {"data": {"step": done}, "config": cfg.to_dict()})
+                ckpt.save(done, state, {"data": setup.data.state(done), "config": cfg.to_dict()})
             if evaluated:
                 window_t0 = time.perf_counter()  # evaluation time is not step time
 

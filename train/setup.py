@@ -9,12 +9,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from data.sources import read_text, text_splits
-from data.tokenize import Tokenizer, build_tokenizer, load_tokenizer
+from data.pipeline import Pipeline, build_pipeline
 from optim.chains import build_optimizer
 from parallel.errors import UserError
 from parallel.mesh import batch_divisor, batch_sharding, make_mesh
@@ -28,24 +26,12 @@ VOCAB_MULTIPLE = 64  # padded vocabularies shard evenly over tensor axes and kee
 class Setup:
     cfg: Config
     mesh: Mesh
-    tokenizer: Tokenizer
-    train_ids: np.ndarray
-    val_ids: np.ndarray
+    data: Pipeline
     mdef: ModelDef
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     shardings: State
     batch_sharding: NamedSharding
-
-
-def load_data(cfg: Config, workdir: Path | None) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
-    saved = workdir / "tokenizer.json" if workdir else None
-    if saved is not None and saved.exists():
-        tok = load_tokenizer(saved)  # a resumed or evaluated run keeps the ids it was trained with
-    else:
-        tok = build_tokenizer(cfg.data.tokenizer, read_text(cfg.data.path))
-    train_ids, val_ids = text_splits(cfg.data.path, cfg.data.val_fraction, tok)
-    return tok, train_ids, val_ids
 
 
 def resolve_model(cfg: Config, vocab_size: int) -> Config:
@@ -76,12 +62,13 @@ def check_batch(cfg: Config, mesh: Mesh) -> None:
 def build(cfg: Config, workdir: Path | None = None) -> Setup:
     mesh = make_mesh(cfg.mesh)
     check_batch(cfg, mesh)
-    tok, train_ids, val_ids = load_data(cfg, workdir)
-    cfg = resolve_model(cfg, tok.vocab_size)
+    tc = cfg.train
+    data = build_pipeline(cfg.data, batch_size=tc.batch_size, seq_len=tc.seq_len, seed=tc.seed, workdir=workdir)
+    cfg = resolve_model(cfg, data.tokenizer.vocab_size)
     mdef = model_def(cfg.model)
     tx, schedule = build_optimizer(cfg.optim, cfg.train.steps)
     shardings = state_shardings(tx, mdef, mesh)
-    return Setup(cfg, mesh, tok, train_ids, val_ids, mdef, tx, schedule, shardings, batch_sharding(mesh))
+    return Setup(cfg, mesh, data, mdef, tx, schedule, shardings, batch_sharding(mesh))
 
 
 def check_resumable(cfg: Config, workdir: Path) -> None:
