@@ -4,6 +4,7 @@
     meshforge eval   [EXPERIMENT] [--workdir DIR] [--step N] [--section.key VALUE ...]
     meshforge sample [EXPERIMENT] [--workdir DIR] [--step N] [--prompt TEXT] [--max-new-tokens N]
                      [--temperature T] [--top-k K] [--num-samples N] [--seed S]
+    meshforge bench  EXPERIMENT [--section.key VALUE ...] [--steps N] [--warmup N] [--json FILE]
 
 Exit codes: 0 done, 2 user error (one line on stderr), 1 bug (traceback).
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from parallel.errors import UserError
 
-VERBS = ("train", "eval", "sample")
+VERBS = ("train", "eval", "sample", "bench")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,10 +28,14 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser(verb: str) -> argparse.ArgumentParser:
     p = _Parser(prog=f"meshforge {verb}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", nargs="?" if verb != "train" else None, help="experiment file, e.g. "
+    p.add_argument("experiment", nargs="?" if verb in ("eval", "sample") else None, help="experiment file, e.g. "
                    "experiments/shakespeare_char.py")
     p.add_argument("--workdir", help="run directory (default: runs/<experiment name>)")
-    if verb == "train":
+    if verb == "bench":
+        p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+        p.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling (default 3)")
+        p.add_argument("--json", help="also write the results to this JSON file")
+    elif verb == "train":
         p.add_argument("--coordinator", help="multi-process: address of process 0, host:port")
         p.add_argument("--num-processes", type=int, help="multi-process: number of processes")
         p.add_argument("--process-id", type=int, help="multi-process: this process's index")
@@ -82,7 +87,7 @@ def _config(verb: str, args, overrides):
         raise UserError("give an experiment file or --workdir of a finished run")
     cfg = apply_overrides(cfg, overrides)
     workdir = Path(args.workdir) if args.workdir else Path("runs") / cfg.name
-    if verb != "train" and args.experiment and (workdir / "config.json").exists():
+    if verb in ("eval", "sample") and args.experiment and (workdir / "config.json").exists():
         # eval/sample on an existing run: its saved config is the one its checkpoints were made with
         saved = from_dict(json.loads((workdir / "config.json").read_text()))
         cfg = apply_overrides(saved, overrides)
@@ -97,6 +102,11 @@ def run(verb: str, argv: list[str]) -> int:
     from parallel.mesh import configure_cpu_devices, maybe_initialize_distributed
 
     configure_cpu_devices(cfg.mesh.cpu_devices)  # must precede the first JAX backend use
+    if verb == "bench":
+        from train.bench import bench
+
+        bench(cfg, steps=args.steps, warmup=args.warmup, json_path=args.json)
+        return 0
     if verb == "train":
         maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         from train.loop import train

@@ -14,6 +14,7 @@ from data.tokenize import save_tokenizer
 from parallel.errors import UserError
 from parallel.mesh import batch_divisor
 from parallel.rules import activate
+from train.accounting import device_peak, mfu, train_flops_per_token
 from train.checkpoint import Checkpointer, has_checkpoints
 from train.config import Config
 from train.metrics import MetricsWriter, Progress
@@ -34,6 +35,21 @@ def evaluate(setup: Setup, params, eval_step, max_batches: int = 0) -> float:
         sums.append(eval_step(params, to_global(host_batch, bs, batch_size)))
     loss, weight = (float(sum(x)) for x in zip(*jax.device_get(sums)))
     return loss / max(weight, 1.0)
+
+
+def window_metrics(fetched: list[dict]) -> dict[str, float]:
+    """Step metrics beyond loss/grad_norm/lr/tokens (MoE statistics, ...), averaged over the logging window;
+    vectors become one flat key per entry (moe_expert_frac_0, moe_expert_frac_1, ...)."""
+    out = {}
+    for key in fetched[0]:
+        if key in ("loss", "grad_norm", "lr", "tokens"):
+            continue
+        mean = np.mean([np.asarray(x[key], np.float64) for x in fetched], axis=0)
+        if mean.ndim == 0:
+            out[key] = float(mean)
+        else:
+            out.update({f"{key}_{i}": float(v) for i, v in enumerate(mean.ravel())})
+    return out
 
 
 def train(cfg: Config, workdir: Path) -> dict:
@@ -88,6 +104,9 @@ def train(cfg: Config, workdir: Path) -> dict:
         compiled = train_step.lower(state, next_batch).compile()
         compile_s = time.perf_counter() - t_start
         progress.log(f"compiled the train step in {compile_s:.1f}s")
+        # MFU as `meshforge bench` computes it (train/accounting.py); on CPU the peak is a ~0.2 s matmul probe.
+        flops_per_token = train_flops_per_token(cfg.model, tc.seq_len)
+        peak, _ = device_peak(cfg.model.dtype)
 
         pending: list = []
         step_ms: list[float] = []
@@ -95,12 +114,19 @@ def train(cfg: Config, workdir: Path) -> dict:
         last = {}
         val_loss = None
         window_t0 = time.perf_counter()
+        previous = None
         for step in range(start, tc.steps):
             state, m = compiled(state, next_batch)
             pending.append(m)
             done = step + 1
             if done < tc.steps:
                 next_batch = batch(done)  # built while the device runs the step just dispatched
+            # At most two steps in flight. With many multi-device steps queued, XLA's CPU runtime (jax 0.10.2)
+            # can deadlock in a collective on a loaded machine (the rendezvous times out and aborts the
+            # process); waiting for the step before the one just dispatched keeps the device busy all the same.
+            if previous is not None:
+                jax.block_until_ready(previous)
+            previous = m
             if done % tc.log_every == 0 or done == tc.steps:
                 fetched = jax.device_get(pending)
                 dt = time.perf_counter() - window_t0
@@ -112,7 +138,10 @@ def train(cfg: Config, workdir: Path) -> dict:
                     "lr": float(fetched[-1]["lr"]),
                     "step_ms": 1000 * dt / len(fetched),
                     "tokens_per_s": tokens / dt,
+                    **window_metrics(fetched),
                 }
+                if peak:
+                    last["mfu"] = mfu(last["tokens_per_s"], flops_per_token, peak, jax.device_count())
                 step_ms.append(last["step_ms"])
                 metrics.write(done, last)
                 progress.update(done, last)
@@ -143,6 +172,9 @@ def train(cfg: Config, workdir: Path) -> dict:
             "compile_s": round(compile_s, 2),
             "tokens_per_s": round(tokens_seen / wall, 1) if wall > 0 else None,
             "step_ms_median": round(statistics.median(step_ms), 3) if step_ms else None,
+            # at the median step time, the steady-state figure that `meshforge bench` reports too
+            "mfu": round(mfu(tokens_seen / max(trained, 1) / (statistics.median(step_ms) / 1000), flops_per_token,
+                             peak, jax.device_count()), 4) if peak and step_ms else None,
             "final_loss": last.get("loss"),
             "final_val_loss": val_loss,
             "devices": jax.device_count(),
