@@ -142,3 +142,20 @@ def test_aux_losses_are_in_the_training_loss():
     # the update is close to the whole batch's (the balance loss of a half batch is not exactly half of it).
     acc = _train(mesh_for(), MOE, batches, optim=OptimConfig(warmup_steps=2, accum_steps=2))
     assert abs(acc[1]["loss"] - on[1]["loss"]) / on[1]["loss"] < 1e-3
+
+
+def test_moe_metrics_reach_metrics_jsonl(tmp_path):
+    import json
+
+    from helpers import meshforge
+
+    r = meshforge("train", "experiments/shakespeare_char.py", "--workdir", tmp_path / "moe", "--train.steps", "10",
+                  "--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2", "--model.moe_experts", "4",
+                  "--model.moe_every", "2", "--train.seq_len", "16", "--train.batch_size", "4",
+                  "--train.log_every", "5", "--train.eval_batches", "1", "--log.progress", "none", devices=2)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (tmp_path / "moe" / "metrics.jsonl").read_text().splitlines()]
+    row = [x for x in rows if "loss" in x][-1]
+    assert {"moe_aux_loss", "moe_lb_loss", "moe_z_loss", "moe_dropped_frac", "mfu"} <= set(row)
+    fracs = [row[f"moe_expert_frac_{e}"] for e in range(4)]
+    assert abs(sum(fracs) - 1) < 1e-4 and 0 <= row["moe_dropped_frac"] < 1
