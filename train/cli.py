@@ -98,9 +98,10 @@ def run(verb: str, argv: list[str]) -> int:
     args = _parser(verb).parse_args(rest)
     cfg, workdir = _config(verb, args, overrides)
 
-    from parallel.mesh import configure_cpu_devices, maybe_initialize_distributed
+    from parallel.mesh import configure_cpu_devices, default_cpu_devices, maybe_initialize_distributed
 
-    configure_cpu_devices(cfg.mesh.cpu_devices)  # must precede the first JAX backend use
+    rows = cfg.train.batch_size // max(1, cfg.optim.accum_steps)
+    configure_cpu_devices(cfg.mesh.cpu_devices or default_cpu_devices(cfg.mesh, rows))  # before JAX starts
     if verb == "train":
         maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         from train.loop import train

@@ -137,6 +137,7 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
     progress.log(f"meshforge: {cfg.name} | {n_params / 1e6:.2f}M params | mesh "
                  f"{dict(setup.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices | "
                  f"{'resuming at step ' + str(start) if resuming else 'new run'} | workdir {workdir}")
+    progress.log("config: " + json.dumps(cfg.to_dict(), separators=(",", ":")))
 
     rows = process_rows(setup.batch_sharding, tc.batch_size)
 
