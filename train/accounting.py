@@ -67,7 +67,7 @@ def measured_cpu_peak(dtype: str, size: int = 512, repeats: int = 10) -> float:
     devices compete for the cores as they do in training), best of `repeats`. Takes about 0.2 s."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    devices = jax.devices()
+    devices = jax.local_devices()  # every process measures its own; no collective, no cross-host transfer
     sharding = NamedSharding(Mesh(np.array(devices), ("d",)), PartitionSpec("d"))
     a = jax.device_put(jnp.ones((len(devices), size, size), jnp.dtype(dtype)), sharding)
     matmul = jax.jit(lambda x: jnp.einsum("bij,bjk->bik", x, x), out_shardings=sharding)
