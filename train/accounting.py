@@ -67,16 +67,18 @@ def measured_cpu_peak(dtype: str, size: int = 512, repeats: int = 10) -> float:
     devices compete for the cores as they do in training), best of `repeats`. Takes about 0.2 s."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    devices = jax.local_devices()  # every process measures its own; no collective, no cross-host transfer
-    sharding = NamedSharding(Mesh(np.array(devices), ("d",)), PartitionSpec("d"))
-    a = jax.device_put(jnp.ones((len(devices), size, size), jnp.dtype(dtype)), sharding)
-    matmul = jax.jit(lambda x: jnp.einsum("bij,bjk->bik", x, x), out_shardings=sharding)
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    devices = jax.local_devices()  # every process measures its own: no collective, no cross-host transfer
+    mesh = Mesh(np.array(devices), ("d",))
+    sharding = NamedSharding(mesh, PartitionSpec("d"))
+    with jax.set_mesh(mesh):  # not the training mesh a caller may have set, which can span other hosts
+        a = jax.device_put(np.ones((len(devices), size, size), jnp.dtype(dtype)), sharding)
+        matmul = jax.jit(lambda x: jnp.einsum("bij,bjk->bik", x, x), out_shardings=sharding)
         matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            matmul(a).block_until_ready()
+            best = min(best, time.perf_counter() - t0)
     return 2.0 * size**3 / best
 
 

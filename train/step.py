@@ -48,7 +48,8 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, schedule: 
         # reduce-scatter, and clipping's norm is computed on shards instead of a replicated copy.
         grad_sums = jax.lax.with_sharding_constraint(grad_sums, state_shardings["params"])
         denom = jnp.maximum(weight_sum, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grad_sums)
+        # (in the parameters' dtype: with bfloat16 parameters the optimizer state must keep its dtype)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sums, state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         in_a_row, skipped = nonfinite_counts(opt_state)
