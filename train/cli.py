@@ -33,16 +33,16 @@ def _parser(verb: str) -> argparse.ArgumentParser:
     p.add_argument("experiment", nargs="?" if verb in ("eval", "sample") else None, help="experiment file, e.g. "
                    "experiments/shakespeare_char.py")
     p.add_argument("--workdir", help="run directory (default: runs/<experiment name>)")
-    if verb == "bench":
-        p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
-        p.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling (default 3)")
-        p.add_argument("--json", help="also write the results to this JSON file")
-    elif verb == "train":
+    if verb == "train":
         p.add_argument("--coordinator", help="multi-process: address of process 0, host:port")
         p.add_argument("--num-processes", type=int, help="multi-process: number of processes")
         p.add_argument("--process-id", type=int, help="multi-process: this process's index")
         p.add_argument("--fresh", action="store_true", help="start over: move an earlier run in the workdir to "
                        "WORKDIR/archive/<time>/ (nothing is deleted) instead of resuming it")
+    elif verb == "bench":
+        p.add_argument("--json", help="also write the results to this JSON file")
+        p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+        p.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling (default 3)")
     else:
         p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     if verb == "sample":
@@ -108,10 +108,7 @@ def run(verb: str, argv: list[str]) -> int:
     rows = cfg.train.batch_size // max(1, cfg.optim.accum_steps)
     configure_cpu_devices(cfg.mesh.cpu_devices or default_cpu_devices(cfg.mesh, rows))  # before JAX starts
     if verb == "bench":
-        from train.bench import bench
-
-        bench(cfg, steps=args.steps, warmup=args.warmup, json_path=args.json)
-        return 0
+        return bench(cfg, args)
     if verb == "train":
         maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         from train.loop import train
@@ -167,6 +164,14 @@ def _quiet_background_noise() -> None:
             previous(u)
 
     sys.unraisablehook = hook
+
+
+def bench(cfg, args) -> int:
+    """Compile and time the train step; see train/bench.py."""
+    from train.bench import bench as bench_step
+
+    bench_step(cfg, steps=args.steps, warmup=args.warmup, json_path=args.json)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
