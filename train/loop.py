@@ -1,6 +1,7 @@
 """The training loop: build, restore or initialise, step, log, evaluate, checkpoint, summarise."""
 from __future__ import annotations
 
+import collections
 import json
 import statistics
 import time
@@ -20,6 +21,12 @@ from train.metrics import MetricsWriter, Progress
 from train.setup import Setup, build, check_resumable
 from train.state import abstract_state, count_params, init_state
 from train.step import make_eval_step, make_train_step
+from train.task_eval import TaskEvaluator
+
+# Steps dispatched but not finished. Unbounded run-ahead (the host is faster than the step, e.g. with a prefetched
+# loader) made XLA:CPU (jax 0.10.2, 2 virtual devices, loaded host) abort in a collective's rendezvous within a
+# few hundred steps (a 20-line pure-JAX repro did the same); two in flight keep the device busy and never stalled.
+MAX_STEPS_IN_FLIGHT = 2
 
 
 def evaluate(setup: Setup, params, eval_step, max_batches: int = 0) -> float:
@@ -57,6 +64,7 @@ def train(cfg: Config, workdir: Path) -> dict:
             step0 = ckpt.latest_step()
             target = abstract_state(setup.tx, setup.mdef, setup.shardings)
             state, _extra = ckpt.restore(step0, target)
+            setup.data.restore(_extra.get("data") or {})  # the loader continues from the saved position
         else:
             state = init_state(setup.tx, setup.mdef, setup.shardings, tc.seed)
         start = int(jax.device_get(state["step"]))
@@ -80,6 +88,10 @@ def train(cfg: Config, workdir: Path) -> dict:
                      f"{dict(setup.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices | "
                      f"{'resuming at step ' + str(start) if resuming else 'new run'} | workdir {workdir}")
 
+        # Synthetic tasks in the data: exact match of greedy samples on held-out problems, at every eval.
+        task_eval = TaskEvaluator(setup) if setup.data.tasks and cfg.model.causal else None
+        task_scores: dict = {}
+
         rows = process_rows(setup.batch_sharding, tc.batch_size)
         batch = lambda s: to_global(setup.data.train_batch(s, rows), setup.batch_sharding, tc.batch_size)  # noqa: E731
 
@@ -90,6 +102,7 @@ def train(cfg: Config, workdir: Path) -> dict:
         progress.log(f"compiled the train step in {compile_s:.1f}s")
 
         pending: list = []
+        in_flight: collections.deque = collections.deque()
         step_ms: list[float] = []
         tokens_seen = 0
         last = {}
@@ -98,6 +111,9 @@ def train(cfg: Config, workdir: Path) -> dict:
         for step in range(start, tc.steps):
             state, m = compiled(state, next_batch)
             pending.append(m)
+            in_flight.append(m["loss"])
+            if len(in_flight) > MAX_STEPS_IN_FLIGHT:
+                in_flight.popleft().block_until_ready()
             done = step + 1
             if done < tc.steps:
                 next_batch = batch(done)  # built while the device runs the step just dispatched
@@ -121,8 +137,10 @@ def train(cfg: Config, workdir: Path) -> dict:
             evaluated = False
             if (tc.eval_every and done % tc.eval_every == 0) or done == tc.steps:
                 val_loss = evaluate(setup, state["params"], eval_step, tc.eval_batches)
-                metrics.write(done, {"val_loss": val_loss})
-                progress.log(f"eval at step {done}: val_loss {val_loss:.4f}")
+                task_scores = task_eval(state["params"]) if task_eval is not None else {}
+                metrics.write(done, {"val_loss": val_loss, **task_scores})
+                progress.log(f"eval at step {done}: val_loss {val_loss:.4f}"
+                             + "".join(f", {k} {v:.4f}" for k, v in task_scores.items()))
                 evaluated = True
             if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps:
                 ckpt.save(done, state, {"data": setup.data.state(done), "config": cfg.to_dict()})
@@ -145,6 +163,7 @@ def train(cfg: Config, workdir: Path) -> dict:
             "step_ms_median": round(statistics.median(step_ms), 3) if step_ms else None,
             "final_loss": last.get("loss"),
             "final_val_loss": val_loss,
+            **{f"final_{k}": v for k, v in task_scores.items()},
             "devices": jax.device_count(),
             "platform": jax.devices()[0].platform,
         }
