@@ -24,7 +24,7 @@ import numpy as np
 
 from data.config import DataConfig, SourceConfig
 from data.packing import pack_documents
-from data.sources import _hf, fingerprint as source_fingerprint, load_documents, source_kind, split_documents
+from data.sources import hf_datasets, fingerprint as source_fingerprint, load_documents, source_kind, split_documents
 from data.synthetic import Task, make_task
 from data.tokenize import (SPECIALS, BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, fingerprint,
                            load_tokenizer, save_tokenizer)
@@ -154,7 +154,7 @@ def _pack_batch(batch, tokenizer: Tokenizer, pack_len: int):
 def packed_rows(key: str, src: SourceConfig, tokenizer: Tokenizer, pack_len: int, val_fraction: float,
                 root: Path) -> tuple[RowStore, RowStore, dict]:
     """(train rows, validation rows, meta) of a file/generator source: from the cache, or built and cached now."""
-    datasets = _hf()
+    datasets = hf_datasets()
     settings = {"version": VERSION, "source": source_fingerprint(key, src), "pack_len": pack_len,
                 "val_fraction": val_fraction}
     tok_fp = fingerprint(tokenizer)

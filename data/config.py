@@ -68,8 +68,10 @@ class DataConfig:
         if self.bpe_vocab_size < 300:
             raise ValueError(f"data.bpe_vocab_size must be >= 300 (256 bytes + special tokens), "
                              f"got {self.bpe_vocab_size}")
-        if self.mode == "windows" and (self.sources or self.objective != "causal"):
-            what = "data.sources" if self.sources else f"data.objective {self.objective!r}"
+        generated = self.path.startswith(("synthetic:", "generator:"))
+        if self.mode == "windows" and (self.sources or self.objective != "causal" or generated):
+            what = "data.sources" if self.sources else f"data.path {self.path!r}" if generated else \
+                f"data.objective {self.objective!r}"
             raise ValueError(f"{what} needs data.mode 'packed' (windows mode reads one text file, causal only)")
 
     def source_list(self) -> tuple[tuple[str, SourceConfig], ...]:

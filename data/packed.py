@@ -65,7 +65,7 @@ class TaskSource:
         self.task: Task = make_task(key, src.path)
         self.key, self.path, self.weight, self.seq_len = key, src.path, src.weight, seq_len
         longest = self.task.max_chars + 1  # ASCII: never more tokens than characters, plus <eos>
-        if longest > seq_len + 1:
+        if longest > seq_len:  # (seq_len, not + 1: a sampled answer must stay inside the model's positions)
             raise UserError(f"train.seq_len: {seq_len} is shorter than the longest {self.task.name} problem "
                             f"({longest} tokens) of {key}.path; raise train.seq_len")
         self.per_row = (seq_len + 1) // longest

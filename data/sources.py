@@ -143,7 +143,8 @@ def fingerprint(key: str, src: SourceConfig) -> dict:
     return fp
 
 
-def _hf():
+def hf_datasets():
+    """HuggingFace `datasets`, imported on first use, offline and quiet."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # never reach for the network
     import datasets
 
@@ -159,7 +160,7 @@ def _generated_documents(fn, field: str):
 
 def load_documents(key: str, src: SourceConfig, hf_cache: Path) -> "datasets.Dataset":
     """All documents of a file or generator source, as a Dataset with one `text` column; empty ones dropped."""
-    datasets = _hf()
+    datasets = hf_datasets()
     kind = source_kind(src.path)
     try:
         if kind == "generator":
@@ -167,23 +168,24 @@ def load_documents(key: str, src: SourceConfig, hf_cache: Path) -> "datasets.Dat
             fp = hashlib.sha256(repr(fingerprint(key, src)).encode()).hexdigest()[:16]
             ds = datasets.Dataset.from_generator(_generated_documents, cache_dir=str(hf_cache), fingerprint=fp,
                                                  gen_kwargs={"fn": fn, "field": src.text_field})
+            column = "text"
         else:
             files = resolve_files(key, src.path)
             builder = BUILDERS[files[0].suffix.lower()]
             extra = {"sample_by": src.split_by} if builder == "text" else {}
             ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
                                        cache_dir=str(hf_cache), **extra)
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{key}.text_field: the documents of {src.path} have no text field {src.text_field!r} "
-                        f"({type(e).__name__}: {e}); set {key}.text_field") from None
+            column = "text" if builder == "text" else src.text_field
     except datasets.exceptions.DatasetGenerationError as e:
         cause = e.__cause__ or e
-        raise UserError(f"{key}.path: could not read {src.path}: {type(cause).__name__}: "
-                        f"{str(cause).splitlines()[0] if str(cause) else ''}") from None
-    if src.text_field not in ds.column_names and "text" not in ds.column_names:
-        raise UserError(f"{key}.text_field: {src.path} has no column {src.text_field!r}; columns: "
+        if isinstance(cause, KeyError):
+            raise UserError(f"{key}.text_field: an item of {src.path} has no field {src.text_field!r}; "
+                            f"set {key}.text_field") from None
+        first = str(cause).splitlines()[0] if str(cause) else ""
+        raise UserError(f"{key}.path: could not read {src.path}: {type(cause).__name__}: {first}") from None
+    if column not in ds.column_names:
+        raise UserError(f"{key}.text_field: {src.path} has no column {column!r}; its columns: "
                         f"{', '.join(ds.column_names)}")
-    column = src.text_field if src.text_field in ds.column_names else "text"
     if ds.features[column].dtype not in ("string", "large_string"):
         raise UserError(f"{key}.text_field: column {column!r} of {src.path} holds {ds.features[column]}, "
                         "not text; name the text column")
@@ -198,7 +200,7 @@ def load_documents(key: str, src: SourceConfig, hf_cache: Path) -> "datasets.Dat
 
 def split_documents(ds: "datasets.Dataset", val_fraction: float, key: str) -> tuple:
     """(train, validation): the last fraction of the documents; of the text itself when there is one document."""
-    datasets = _hf()
+    datasets = hf_datasets()
     n = len(ds)
     if n == 1:
         text = ds[0]["text"]
