@@ -16,10 +16,11 @@ each its own document (segment), and only the answer and its end-of-document tok
 (data.loss_on_prompt false). At each eval the model answers the held-out prompts by greedy decoding and a
 checker compares each answer exactly (train/task_eval.py).
 
-Model: learned absolute positions and an untied output head. With rotary positions and tied embeddings (the
-shakespeare_char model) the same budget sat at ~0% exact match after 1,000-3,000 steps: the units digit,
-(a0 + b0) mod 10, stayed at the uniform loss ln 10 (no single operand digit tells anything about it), while
-fixed digit slots made learned positions find both digits within a few hundred steps.
+Model: learned absolute positions and an untied output head (changed together; which one matters was not
+isolated). With rotary positions and tied embeddings, as in shakespeare_char (2-3 layers, lr 2e-3), exact match
+was still ~1% after 1,000-3,000 steps: the loss on the low digits, e.g. (a0 + b0) mod 10, stayed at ln 10, the
+loss of a uniform guess (neither operand digit alone says anything about it). With this model the digits were
+learned within a few hundred steps (reversed-answer runs too: 0.98 at step 750).
 """
 from data.config import DataConfig
 from models.transformer import ModelConfig
