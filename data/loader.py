@@ -10,6 +10,7 @@ evaluated at any index (`permute`, a Feistel cipher), so no epoch's order is eve
 """
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -95,6 +96,11 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, rows: np.nda
 FEISTEL_ROUNDS = 6
 
 
+@functools.lru_cache(maxsize=256)
+def _round_keys(key: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    return tuple(hash64(*key, r) for r in range(FEISTEL_ROUNDS))
+
+
 def permute(index: np.ndarray, n: int, *key: int) -> np.ndarray:
     """The key's pseudo-random permutation of range(n), evaluated at `index` only: O(len(index)) for any n.
 
@@ -106,7 +112,7 @@ def permute(index: np.ndarray, n: int, *key: int) -> np.ndarray:
         return np.zeros_like(index)
     half = max(1, (int(n - 1).bit_length() + 1) // 2)
     mask = np.uint64((1 << half) - 1)
-    round_keys = [hash64(*key, r) for r in range(FEISTEL_ROUNDS)]
+    round_keys = _round_keys(tuple(int(k) for k in key))
 
     def encrypt(x: np.ndarray) -> np.ndarray:
         left, right = x >> np.uint64(half), x & mask
