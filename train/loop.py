@@ -44,8 +44,21 @@ def evaluate(setup: Setup, params, eval_step, max_batches: int = 0) -> float:
     sums = []
     for host_batch in setup.data.eval_batches(batch_size, rows, max_batches):
         sums.append(eval_step(params, to_global(host_batch, bs, batch_size)))
+        throttle(sums)
     loss, weight = (float(sum(x)) for x in zip(*jax.device_get(sums)))
     return loss / max(weight, 1.0)
+
+
+# How many dispatched steps may run ahead of the host. XLA's CPU runtime deadlocks in a collective when dozens of
+# multi-device programs are queued (seen here with 2 virtual devices: ~50 queued calls hang, 16 never did), and
+# nothing is gained beyond a few: the next batch only needs to be ready when the device is.
+MAX_IN_FLIGHT = 4
+
+
+def throttle(outputs: list) -> None:
+    """Wait for the call MAX_IN_FLIGHT places back, so at most that many are queued on the devices."""
+    if len(outputs) > MAX_IN_FLIGHT:
+        jax.block_until_ready(outputs[-MAX_IN_FLIGHT - 1])
 
 
 def any_process(flag: bool) -> bool:
@@ -168,6 +181,7 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
         state, m = compiled(state, next_batch)
         faults.after_dispatch(step + 1, ckpt.wait)
         pending.append(m)
+        throttle(pending)
         done = step + 1
         log_now = done % tc.log_every == 0 or done == tc.steps
         if done < tc.steps:
