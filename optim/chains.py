@@ -89,7 +89,14 @@ def build_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientT
     else:
         core = optax.lamb(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
     clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
-    return optax.chain(clip, core), schedule
+    # A step whose gradients hold a NaN or Inf leaves parameters and moments untouched; the state counts such
+    # steps (`nonfinite_counts`). The training loop decides when too many in a row means stop.
+    return optax.apply_if_finite(optax.chain(clip, core), max_consecutive_errors=2**30), schedule
+
+
+def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:
+    """(consecutive, total) skipped non-finite steps, from the state of build_optimizer's chain."""
+    return opt_state.notfinite_count, opt_state.total_notfinite
 
 
 LossSums = Callable[[Any, dict, jax.Array], tuple[jax.Array, tuple[jax.Array, dict]]]

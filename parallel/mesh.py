@@ -19,14 +19,29 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     expert: int = 1
-    cpu_devices: int = 0  # CPU only: virtual devices to split the host into; 0 = one per core
+    cpu_devices: int = 0  # CPU only: virtual devices to split the host into; 0: one per core (see below)
 
     def sizes(self) -> dict[str, int]:
         return {a: getattr(self, a) for a in MESH_AXES}
 
 
-def configure_cpu_devices(n: int = 0) -> None:
-    """Split a CPU host into n virtual XLA devices (default: one per core) before JAX starts its backends.
+def default_cpu_devices(cfg: MeshConfig, batch_rows: int, cores: int | None = None) -> int:
+    """How many virtual CPU devices to make when mesh.cpu_devices is 0.
+
+    A mesh with every size given needs exactly that many. Otherwise one per core, but never more than the
+    batch can be split over: the largest count <= cores that divides the rows of one (micro-)batch.
+    """
+    sizes = cfg.sizes()
+    if -1 not in sizes.values():
+        return math.prod(sizes.values())
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    cores = cores or os.cpu_count() or 1
+    fits = [n for n in range(fixed, cores + 1, fixed) if batch_rows % n == 0]
+    return max(fits, default=fixed)
+
+
+def configure_cpu_devices(n: int) -> None:
+    """Split a CPU host into n virtual XLA devices before JAX starts its backends.
 
     One XLA CPU device barely uses a second core for small models; one device per core with the batch sharded
     over them is markedly faster. An explicit --xla_force_host_platform_device_count in XLA_FLAGS wins, and
@@ -35,7 +50,7 @@ def configure_cpu_devices(n: int = 0) -> None:
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return
     try:
-        jax.config.update("jax_num_cpu_devices", n or os.cpu_count() or 1)
+        jax.config.update("jax_num_cpu_devices", n)
     except RuntimeError:
         pass  # backends already initialised (e.g. inside a test process): keep what exists
 

@@ -51,3 +51,13 @@ def test_experiment_loading_errors(tmp_path):
 def test_sections_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         Config().optim.lr = 1.0
+
+
+def test_default_cpu_devices():
+    from parallel.mesh import MeshConfig, default_cpu_devices
+
+    assert default_cpu_devices(MeshConfig(), 12, cores=2) == 2
+    assert default_cpu_devices(MeshConfig(), 12, cores=8) == 6  # 8 would not split 12 rows
+    assert default_cpu_devices(MeshConfig(), 7, cores=4) == 1
+    assert default_cpu_devices(MeshConfig(data=1, fsdp=4), 12, cores=2) == 4  # an explicit mesh gets its size
+    assert default_cpu_devices(MeshConfig(data=-1, tensor=2), 12, cores=8) == 6

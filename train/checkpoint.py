@@ -5,6 +5,12 @@ Restores always target the *current* mesh's shardings, which is what lets a run 
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
+import gc
+import sys
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +26,7 @@ class Checkpointer:
             keep_period=keep_every or None,
             enable_async_checkpointing=True,
             create=True,
+            cleanup_tmp_directories=True,  # half-written saves of a killed run are never picked up
         )
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extra"))
@@ -36,13 +43,35 @@ class Checkpointer:
                                                         extra=ocp.args.JsonSave(extra)), force=force)
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict]:
-        try:
-            out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                                     extra=ocp.args.JsonRestore()))
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"checkpoint {self.directory / str(step)} does not match this model ({e}); "
-                            "use a new --workdir or the run's original model config") from None
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                 extra=ocp.args.JsonRestore()))
         return out.state, dict(out.extra)
+
+    def restore_latest_valid(self, target: Any, warn: Callable[[str], None]) -> tuple[Any, dict, int]:
+        """Restore the newest readable checkpoint. Newer ones that fail to read while an older one reads fine
+        are corrupt: they are moved to WORKDIR/corrupt_checkpoints/ (never deleted) and reported in one line."""
+        failed: list[tuple[int, str]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                with _quiet_async_leftovers():
+                    state, extra = self.restore(step, target)
+            except Exception as e:  # noqa: BLE001 - any read failure of one checkpoint means: try the previous
+                failed.append((step, _first_line(e)))
+                continue
+            for bad, reason in failed:
+                where = self.quarantine(bad)
+                warn(f"checkpoint {bad} is unreadable ({reason}); moved to {where}, resuming from step {step}")
+            return state, extra, step
+        step, reason = failed[0]
+        raise UserError(f"no checkpoint in {self.directory} can be restored (step {step}: {reason}); if the model "
+                        "or optimizer changed, use the original config or start over with --fresh")
+
+    def quarantine(self, step: int) -> Path:
+        dest = self.directory.parent / "corrupt_checkpoints" / f"{step}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self.directory / str(step)), dest)
+        self.manager.reload()
+        return dest
 
     def restore_extra(self, step: int) -> dict:
         return dict(self.manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra)
@@ -52,6 +81,24 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+@contextlib.contextmanager
+def _quiet_async_leftovers():
+    """A failed read leaves futures and TensorStore callbacks aimed at Orbax's closed event loop; as they are
+    collected each would print a traceback. They carry nothing beyond the one error we report."""
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda u: None
+    try:
+        yield
+    finally:
+        gc.collect()  # collect the leftovers while their reports are still muted
+        sys.unraisablehook = previous
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
 
 
 def has_checkpoints(directory: Path) -> bool:

@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 
 from parallel.errors import UserError
+from train.health import TrainingHalted
+from train.workdir import StorageError
 
 VERBS = ("train", "eval", "sample", "bench", "tokenizer")
 
@@ -39,6 +41,8 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         p.add_argument("--coordinator", help="multi-process: address of process 0, host:port")
         p.add_argument("--num-processes", type=int, help="multi-process: number of processes")
         p.add_argument("--process-id", type=int, help="multi-process: this process's index")
+        p.add_argument("--fresh", action="store_true", help="start over: move an earlier run in the workdir to "
+                       "WORKDIR/archive/<time>/ (nothing is deleted) instead of resuming it")
     elif verb == "bench":
         p.add_argument("--data-only", action="store_true", help="time the data pipeline only")
         p.add_argument("--json", help="also write the results to this JSON file")
@@ -103,18 +107,19 @@ def run(verb: str, argv: list[str]) -> int:
     args = _parser(verb).parse_args(rest)
     cfg, workdir = _config(verb, args, overrides)
 
-    from parallel.mesh import configure_cpu_devices, maybe_initialize_distributed
+    from parallel.mesh import configure_cpu_devices, default_cpu_devices, maybe_initialize_distributed
 
     if verb == "tokenizer":
         return tokenizer_train(cfg)
-    configure_cpu_devices(cfg.mesh.cpu_devices)  # must precede the first JAX backend use
+    rows = cfg.train.batch_size // max(1, cfg.optim.accum_steps)
+    configure_cpu_devices(cfg.mesh.cpu_devices or default_cpu_devices(cfg.mesh, rows))  # before JAX starts
     if verb == "bench":
         return bench(cfg, args)
     if verb == "train":
         maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         from train.loop import train
 
-        train(cfg, workdir)
+        train(cfg, workdir, fresh=args.fresh)
         return 0
 
     from train.loop import evaluate, restore_for_inference
@@ -184,17 +189,44 @@ def tokenizer_train(cfg) -> int:
     return 0
 
 
+def _quiet_background_noise() -> None:
+    """Orbax writes through asyncio tasks in background threads. When a write fails (disk full) the error
+    reaches the loop, which reports it in one line; the same error must not also print as dozens of
+    'Task exception was never retrieved' / 'Event loop is closed' tracebacks from those threads."""
+    import logging
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    logging.getLogger("absl").setLevel(logging.CRITICAL)  # Orbax's own errors reach us as exceptions anyway
+    previous = sys.unraisablehook
+
+    def hook(u):
+        if not (isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)):
+            previous(u)
+
+    sys.unraisablehook = hook
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
         print(__doc__.strip())
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    _quiet_background_noise()
     try:
         return run(argv[0], argv[1:])
+    except StorageError as e:
+        # The disk is full or read-only: every cleanup handler (TensorBoard, Orbax threads) would fail again
+        # and print its own traceback. The one line says it all; leave without running them.
+        print(f"meshforge: error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
     except UserError as e:
         print(f"meshforge: error: {e}", file=sys.stderr)
         return 2
+    except TrainingHalted as e:
+        print(f"meshforge: stopped: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("meshforge: interrupted", file=sys.stderr)
         return 130

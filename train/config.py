@@ -32,14 +32,21 @@ class TrainConfig:
     eval_batches: int = 0  # 0: the whole validation split
     eval_batch_size: int = 64
     checkpoint_every: int = 500  # 0: only at the end
+    checkpoint_every_s: float = 0.0  # also checkpoint when this many seconds passed since the last one; 0: off
     keep_checkpoints: int = 3
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0: off
     log_every: int = 50
+    preempt_grace_s: float = 60.0  # after SIGTERM: checkpoint and exit within this many seconds
+    nonfinite: Literal["skip", "stop"] = "skip"  # a step with NaN/Inf gradients is skipped; or stop the run
+    max_nonfinite_in_a_row: int = 20  # with "skip": stop after this many consecutive skipped steps
+    spike_factor: float = 3.0  # log a loss spike when a step's loss exceeds this x the running mean; 0: off
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_batch_size", "keep_checkpoints", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
-        for name in ("eval_every", "eval_batches", "checkpoint_every"):
+        for name in ("eval_every", "eval_batches", "checkpoint_every", "checkpoint_every_s", "keep_every",
+                     "preempt_grace_s", "max_nonfinite_in_a_row", "spike_factor"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
 

@@ -1,9 +1,15 @@
-"""The training loop: build, restore or initialise, step, log, evaluate, checkpoint, summarise."""
+"""The training loop: build, restore or initialise, step, log, evaluate, checkpoint, summarise.
+
+Reliability lives here too: resume from the newest readable checkpoint, SIGTERM -> checkpoint -> exit 0,
+non-finite steps skipped (inside the jitted step) and counted, a lock so two runs never share a workdir, and
+storage failures reported in one line without touching the last valid checkpoint.
+"""
 from __future__ import annotations
 
-import collections
 import json
+import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -12,21 +18,21 @@ import numpy as np
 
 from data.loader import process_rows, to_global
 from data.tokenize import save_tokenizer
+from optim.chains import nonfinite_counts
 from parallel.errors import UserError
 from parallel.mesh import batch_divisor
 from parallel.rules import activate
 from train.checkpoint import Checkpointer, has_checkpoints
 from train.config import Config
+from train.faults import Faults
+from train.health import Health
 from train.metrics import MetricsWriter, Progress
+from train.preemption import PreemptionGuard
 from train.setup import Setup, build, check_resumable
 from train.state import abstract_state, count_params, init_state
 from train.step import make_eval_step, make_train_step
 from train.task_eval import TaskEvaluator
-
-# Steps dispatched but not finished. Unbounded run-ahead (the host is faster than the step, e.g. with a prefetched
-# loader) made XLA:CPU (jax 0.10.2, 2 virtual devices, loaded host) abort in a collective's rendezvous within a
-# few hundred steps (a 20-line pure-JAX repro did the same); two in flight keep the device busy and never stalled.
-MAX_STEPS_IN_FLIGHT = 2
+from train.workdir import RunLock, archive_run, ensure_writable, is_storage_failure, storage_error
 
 
 def evaluate(setup: Setup, params, eval_step, max_batches: int = 0) -> float:
@@ -39,140 +45,228 @@ def evaluate(setup: Setup, params, eval_step, max_batches: int = 0) -> float:
     sums = []
     for host_batch in setup.data.eval_batches(batch_size, rows, max_batches):
         sums.append(eval_step(params, to_global(host_batch, bs, batch_size)))
+        throttle(sums)
     loss, weight = (float(sum(x)) for x in zip(*jax.device_get(sums)))
     return loss / max(weight, 1.0)
 
 
-def train(cfg: Config, workdir: Path) -> dict:
-    workdir = Path(workdir)
-    resuming = has_checkpoints(workdir / "checkpoints")
-    setup = build(cfg, workdir if resuming else None)  # validates everything before any file is written
-    cfg = setup.cfg
-    if resuming:
-        check_resumable(cfg, workdir)
-    is_main = jax.process_index() == 0
-    tc = cfg.train
+# How many dispatched steps may run ahead of the host. XLA's CPU runtime deadlocks in a collective when dozens of
+# multi-device programs are queued (seen here with 2 virtual devices: ~50 queued calls hang, 16 never did), and
+# nothing is gained beyond a few: the next batch only needs to be ready when the device is.
+MAX_IN_FLIGHT = 4
 
-    with activate(setup.mesh):
+
+def throttle(outputs: list) -> None:
+    """Wait for the call MAX_IN_FLIGHT places back, so at most that many are queued on the devices."""
+    if len(outputs) > MAX_IN_FLIGHT:
+        jax.block_until_ready(outputs[-MAX_IN_FLIGHT - 1])
+
+
+def any_process(flag: bool) -> bool:
+    """True if the flag is set on any process: every host must take the same decision at the same step."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.array([flag]))).any())
+
+
+def say(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def train(cfg: Config, workdir: Path, fresh: bool = False) -> dict:
+    workdir = Path(workdir)
+    resuming = has_checkpoints(workdir / "checkpoints") and not fresh
+    setup = build(cfg, workdir if resuming else None)  # validates everything before any file is written
+    if resuming:
+        check_resumable(setup.cfg, workdir)
+    is_main = jax.process_index() == 0
+    ensure_writable(workdir)
+    lock = RunLock(workdir) if is_main else None
+    if lock:
+        lock.acquire()
+    try:
+        if fresh and is_main and (moved := archive_run(workdir)):
+            say(f"meshforge: --fresh: moved the earlier run in {workdir} to {moved}")
+        return _train(setup, workdir, resuming)
+    except Exception as e:
+        if is_storage_failure(e):
+            raise storage_error(workdir, e, _committed_step(workdir / "checkpoints")) from None
+        raise
+    finally:
+        if lock:
+            lock.release()
+
+
+def _committed_step(directory: Path) -> int | None:
+    steps = [int(p.name) for p in directory.glob("*") if p.name.isdigit() and (p / "commit_success.txt").exists()]
+    return max(steps, default=None)
+
+
+def _train(setup: Setup, workdir: Path, resuming: bool) -> dict:
+    cfg, tc = setup.cfg, setup.cfg.train
+    is_main = jax.process_index() == 0
+    with activate(setup.mesh), PreemptionGuard(tc.preempt_grace_s) as preemption:
         train_step = make_train_step(setup.mdef, setup.tx, setup.schedule, accum_steps=cfg.optim.accum_steps,
                                      seed=tc.seed, state_shardings=setup.shardings,
                                      batch_sharding=setup.batch_sharding)
         eval_step = make_eval_step(setup.mdef, setup.shardings["params"], setup.batch_sharding)
 
-        ckpt = Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints)
+        ckpt = Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints, keep_every=tc.keep_every)
         if resuming:
-            step0 = ckpt.latest_step()
             target = abstract_state(setup.tx, setup.mdef, setup.shardings)
-            state, _extra = ckpt.restore(step0, target)
+            state, _extra, _ = ckpt.restore_latest_valid(target, warn=lambda m: say(f"meshforge: warning: {m}"))
             setup.data.restore(_extra.get("data") or {})  # the loader continues from the saved position
         else:
             state = init_state(setup.tx, setup.mdef, setup.shardings, tc.seed)
         start = int(jax.device_get(state["step"]))
         if start >= tc.steps:
             ckpt.close()
+            say(f"meshforge: {workdir} already finished {start} steps (train.steps={tc.steps}); "
+                "raise --train.steps to continue")
             summary_path = workdir / "summary.json"
-            print(f"meshforge: {workdir} already finished {start} steps (train.steps={tc.steps}); "
-                  "raise --train.steps to continue")
             return json.loads(summary_path.read_text()) if summary_path.exists() else {"steps": start}
 
         if is_main:
-            workdir.mkdir(parents=True, exist_ok=True)
             (workdir / "config.json").write_text(cfg.to_json())
             save_tokenizer(setup.data.tokenizer, workdir / "tokenizer.json")
         metrics = MetricsWriter(workdir, enabled=is_main, tensorboard=cfg.log.tensorboard)
-        if resuming:
-            metrics.truncate_after(start)
-        progress = Progress(tc.steps, start, cfg.log.progress, enabled=is_main)
-        n_params = count_params(state["params"])
-        progress.log(f"meshforge: {cfg.name} | {n_params / 1e6:.2f}M params | mesh "
-                     f"{dict(setup.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices | "
-                     f"{'resuming at step ' + str(start) if resuming else 'new run'} | workdir {workdir}")
+        try:
+            return _loop(setup, workdir, state, start, ckpt, metrics, resuming, train_step, eval_step,
+                         preemption)
+        finally:
+            metrics.close()
 
-        # Synthetic tasks in the data: exact match of greedy samples on held-out problems, at every eval.
-        task_eval = TaskEvaluator(setup) if setup.data.tasks and cfg.model.causal else None
-        task_scores: dict = {}
 
-        rows = process_rows(setup.batch_sharding, tc.batch_size)
-        batch = lambda s: to_global(setup.data.train_batch(s, rows), setup.batch_sharding, tc.batch_size)  # noqa: E731
+def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, metrics: MetricsWriter,
+          resuming: bool, train_step, eval_step, preemption: PreemptionGuard) -> dict:
+    cfg, tc = setup.cfg, setup.cfg.train
+    is_main = jax.process_index() == 0
+    faults = Faults()
+    if resuming:
+        metrics.truncate_after(start)
+    progress = Progress(tc.steps, start, cfg.log.progress, enabled=is_main)
+    n_params = count_params(state["params"])
+    progress.log(f"meshforge: {cfg.name} | {n_params / 1e6:.2f}M params | mesh "
+                 f"{dict(setup.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices | "
+                 f"{'resuming at step ' + str(start) if resuming else 'new run'} | workdir {workdir}")
+    progress.log("config: " + json.dumps(cfg.to_dict(), separators=(",", ":")))
 
-        t_start = time.perf_counter()
-        next_batch = batch(start)
-        compiled = train_step.lower(state, next_batch).compile()
-        compile_s = time.perf_counter() - t_start
-        progress.log(f"compiled the train step in {compile_s:.1f}s")
+    # Synthetic tasks in the data: exact match of greedy samples on held-out problems, at every eval.
+    task_eval = TaskEvaluator(setup) if setup.data.tasks and cfg.model.causal else None
+    task_scores: dict = {}
 
-        pending: list = []
-        in_flight: collections.deque = collections.deque()
-        step_ms: list[float] = []
-        tokens_seen = 0
-        last = {}
-        val_loss = None
-        window_t0 = time.perf_counter()
-        for step in range(start, tc.steps):
-            state, m = compiled(state, next_batch)
-            pending.append(m)
-            in_flight.append(m["loss"])
-            if len(in_flight) > MAX_STEPS_IN_FLIGHT:
-                in_flight.popleft().block_until_ready()
-            done = step + 1
-            if done < tc.steps:
-                next_batch = batch(done)  # built while the device runs the step just dispatched
-            if done % tc.log_every == 0 or done == tc.steps:
-                fetched = jax.device_get(pending)
-                dt = time.perf_counter() - window_t0
-                tokens = sum(float(x["tokens"]) for x in fetched)
-                tokens_seen += tokens
-                last = {
-                    "loss": float(np.mean([x["loss"] for x in fetched])),
-                    "grad_norm": float(fetched[-1]["grad_norm"]),
-                    "lr": float(fetched[-1]["lr"]),
-                    "step_ms": 1000 * dt / len(fetched),
-                    "tokens_per_s": tokens / dt,
-                }
-                step_ms.append(last["step_ms"])
-                metrics.write(done, last)
-                progress.update(done, last)
-                pending = []
-                window_t0 = time.perf_counter()
-            evaluated = False
-            if (tc.eval_every and done % tc.eval_every == 0) or done == tc.steps:
-                val_loss = evaluate(setup, state["params"], eval_step, tc.eval_batches)
-                task_scores = task_eval(state["params"]) if task_eval is not None else {}
-                metrics.write(done, {"val_loss": val_loss, **task_scores})
-                progress.log(f"eval at step {done}: val_loss {val_loss:.4f}"
-                             + "".join(f", {k} {v:.4f}" for k, v in task_scores.items()))
-                evaluated = True
-            if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps:
-                ckpt.save(done, state, {"data": setup.data.state(done), "config": cfg.to_dict()})
-            if evaluated:
-                window_t0 = time.perf_counter()  # evaluation time is not step time
+    rows = process_rows(setup.batch_sharding, tc.batch_size)
 
-        ckpt.wait()
-        ckpt.close()
-        wall = time.perf_counter() - t_start
-        trained = tc.steps - start
-        summary = {
-            "name": cfg.name,
-            "steps": tc.steps,
-            "steps_this_run": trained,
-            "params": n_params,
-            "tokens_this_run": int(tokens_seen),
-            "wall_s": round(wall, 2),
-            "compile_s": round(compile_s, 2),
-            "tokens_per_s": round(tokens_seen / wall, 1) if wall > 0 else None,
-            "step_ms_median": round(statistics.median(step_ms), 3) if step_ms else None,
-            "final_loss": last.get("loss"),
-            "final_val_loss": val_loss,
-            **{f"final_{k}": v for k, v in task_scores.items()},
-            "devices": jax.device_count(),
-            "platform": jax.devices()[0].platform,
-        }
-        if is_main:
-            (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-        progress.close()
-        progress.log("done: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("name", "platform")))
-        metrics.close()
-        return summary
+    def batch(step: int) -> dict:
+        host = faults.corrupt_batch(step, setup.data.train_batch(step, rows))
+        return to_global(host, setup.batch_sharding, tc.batch_size)
+
+    t_start = time.perf_counter()
+    next_batch = batch(start)
+    compiled = train_step.lower(state, next_batch).compile()
+    compile_s = time.perf_counter() - t_start
+    progress.log(f"compiled the train step in {compile_s:.1f}s")
+
+    def save(step: int) -> None:
+        ckpt.save(step, state, {"data": setup.data.state(step), "config": cfg.to_dict()})
+
+    pending: list = []
+    step_ms: list[float] = []
+    tokens_seen = 0.0
+    health = Health(tc, int(jax.device_get(nonfinite_counts(state["opt_state"])[1])), progress.log,
+                    ckpt.latest_step)
+    last: dict = {}
+    val_loss = None
+    preempted = False
+    last_save_t = window_t0 = time.perf_counter()
+    multi = jax.process_count() > 1
+    for step in range(start, tc.steps):
+        state, m = compiled(state, next_batch)
+        faults.after_dispatch(step + 1, ckpt.wait)
+        pending.append(m)
+        throttle(pending)
+        done = step + 1
+        log_now = done % tc.log_every == 0 or done == tc.steps
+        if done < tc.steps:
+            next_batch = batch(done)  # built while the device runs the step just dispatched
+        # Cross-host decisions are taken at log steps only, where the hosts synchronise anyway.
+        decide = log_now or not multi
+        stop = decide and any_process(preemption.requested)
+        timed_save = decide and tc.checkpoint_every_s > 0 and any_process(
+            time.perf_counter() - last_save_t >= tc.checkpoint_every_s)
+        if log_now or stop:
+            fetched = jax.device_get(pending)
+            dt = time.perf_counter() - window_t0
+            tokens = sum(t for x in fetched if math.isfinite(t := float(x["tokens"])))
+            tokens_seen += tokens
+            health.check(done - len(fetched) + 1, fetched)
+            losses = [float(x["loss"]) for x in fetched]
+            finite = [v for v in losses if math.isfinite(v)]
+            last = {
+                "loss": float(np.mean(finite)) if finite else float("nan"),
+                "grad_norm": float(fetched[-1]["grad_norm"]),
+                "lr": float(fetched[-1]["lr"]),
+                "step_ms": 1000 * dt / len(fetched),
+                "tokens_per_s": tokens / dt,
+                "skipped_steps": health.skipped,
+                "loss_spikes": health.spikes,
+            }
+            step_ms.append(last["step_ms"])
+            metrics.write(done, last)
+            progress.update(done, last)
+            pending = []
+            window_t0 = time.perf_counter()
+        evaluated = False
+        if ((tc.eval_every and done % tc.eval_every == 0) or done == tc.steps) and not stop:
+            val_loss = evaluate(setup, state["params"], eval_step, tc.eval_batches)
+            task_scores = task_eval(state["params"]) if task_eval is not None else {}
+            metrics.write(done, {"val_loss": val_loss, **task_scores})
+            progress.log(f"eval at step {done}: val_loss {val_loss:.4f}"
+                         + "".join(f", {k} {v:.4f}" for k, v in task_scores.items()))
+            evaluated = True
+        if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps or stop or timed_save:
+            save(done)
+            last_save_t = time.perf_counter()
+        if evaluated:
+            window_t0 = time.perf_counter()  # evaluation time is not step time
+        if stop:
+            preempted = True
+            ckpt.wait()
+            progress.log(f"meshforge: preempted: checkpoint at step {done} written; rerun the same command "
+                         "to resume")
+            break
+
+    ckpt.wait()
+    ckpt.close()
+    wall = time.perf_counter() - t_start
+    summary = {
+        "name": cfg.name,
+        "steps": tc.steps,
+        "last_step": done,
+        "steps_this_run": done - start,
+        "preempted": preempted,
+        "params": n_params,
+        "tokens_this_run": int(tokens_seen),
+        "wall_s": round(wall, 2),
+        "compile_s": round(compile_s, 2),
+        "tokens_per_s": round(tokens_seen / wall, 1) if wall > 0 else None,
+        "step_ms_median": round(statistics.median(step_ms), 3) if step_ms else None,
+        "final_loss": last.get("loss"),
+        "final_val_loss": val_loss,
+        **{f"final_{k}": v for k, v in task_scores.items()},
+        "skipped_steps": last.get("skipped_steps", 0),
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "platform": jax.devices()[0].platform,
+    }
+    if is_main:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    progress.close()
+    progress.log("done: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("name", "platform")))
+    return summary
 
 
 def restore_for_inference(cfg: Config, workdir: Path, step: int | None = None):

@@ -48,12 +48,18 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self.tb is not None:
-            self.tb.close()
+            tb, self.tb = self.tb, None
+            try:
+                tb.close()
+            except OSError:
+                pass  # the disk filled up: the failure is reported once, by the loop
 
 
 def _plain(v):
     v = v.item() if hasattr(v, "item") else v
-    return round(v, 6) if isinstance(v, float) else v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None  # full precision: resumed runs are compared exactly; no NaN in JSON
+    return v
 
 
 def fmt_duration(s: float) -> str:

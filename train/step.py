@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
-from optim.chains import accumulate_gradients
+from optim.chains import accumulate_gradients, nonfinite_counts
 from train.state import ModelDef, State
 
 
@@ -40,8 +40,9 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, schedule: 
         grads = jax.tree.map(lambda g: g / denom, grad_sums)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        in_a_row, skipped = nonfinite_counts(opt_state)
         metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
-                   "tokens": weight_sum}
+                   "tokens": weight_sum, "skipped_steps": skipped, "nonfinite_in_a_row": in_a_row}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
