@@ -32,7 +32,6 @@ class CorpusSource:
     def __init__(self, key: str, src: SourceConfig, index: int, cfg: DataConfig, tokenizer: Tokenizer,
                  seq_len: int, seed: int):
         pack_len = cfg.pack_len or seq_len
-        check_seq_len(seq_len, pack_len)
         self.train, self.val, self.meta = packed_rows(key, src, tokenizer, pack_len, cfg.val_fraction,
                                                       cache_root(cfg))
         self.key, self.path, self.weight, self.seq_len = key, src.path, src.weight, seq_len
@@ -58,17 +57,21 @@ class CorpusSource:
         return self._windows(self.val, index)
 
 
+def check_task_fits(key: str, task: Task, seq_len: int) -> None:
+    longest = task.max_chars + 1  # ASCII: never more tokens than characters, plus <eos>
+    if longest > seq_len:  # (seq_len, not + 1: a sampled answer must stay inside the model's positions)
+        raise UserError(f"train.seq_len: {seq_len} is shorter than the longest {task.name} problem "
+                        f"({longest} tokens) of {key}.path; raise train.seq_len")
+
+
 class TaskSource:
     """A synthetic task: row i packs `per_row` problems drawn from a generator seeded by (seed, task, split, i)."""
 
     def __init__(self, key: str, src: SourceConfig, cfg: DataConfig, tokenizer: Tokenizer, seq_len: int, seed: int):
         self.task: Task = make_task(key, src.path)
         self.key, self.path, self.weight, self.seq_len = key, src.path, src.weight, seq_len
-        longest = self.task.max_chars + 1  # ASCII: never more tokens than characters, plus <eos>
-        if longest > seq_len:  # (seq_len, not + 1: a sampled answer must stay inside the model's positions)
-            raise UserError(f"train.seq_len: {seq_len} is shorter than the longest {self.task.name} problem "
-                            f"({longest} tokens) of {key}.path; raise train.seq_len")
-        self.per_row = (seq_len + 1) // longest
+        check_task_fits(key, self.task, seq_len)
+        self.per_row = (seq_len + 1) // (self.task.max_chars + 1)
         self.tokenizer, self.seed, self.salt = tokenizer, seed, task_salt(self.task)
         self.loss_on_prompt = cfg.loss_on_prompt
         self.pad, self.eos = tokenizer.special_id("<pad>"), tokenizer.special_id("<eos>")
@@ -114,6 +117,11 @@ class PackedPipeline:
         if cfg.objective == "span" and seq_len < 8:
             raise UserError(f"train.seq_len: span corruption needs at least 8 tokens per row, got {seq_len}")
         self.cfg, self.batch_size, self.seq_len, self.seed = cfg, batch_size, seq_len, seed
+        for key, src in cfg.source_list():  # cheap checks first: nothing is fitted or cached for a bad config
+            if source_kind(src.path) == "synthetic":
+                check_task_fits(key, make_task(key, src.path), seq_len)
+            else:
+                check_seq_len(seq_len, cfg.pack_len or seq_len)
         self.tokenizer_file = None
         if tokenizer is None:
             tokenizer, self.tokenizer_file = get_tokenizer(cfg)

@@ -108,8 +108,10 @@ def _bad_inputs(tmp_path, corpus):
 
 @pytest.mark.parametrize("case", ["missing file", "empty corpus", "seq_len above the cache", "zero weight",
                                   "negative weight", "unknown task", "masked LM on a causal model"])
-def test_bad_data_input_exits_2_with_one_line(case, run_dir, corpus, tmp_path):
-    workdir, _ = run_dir
+def test_bad_data_input_exits_2_with_one_line(case, corpus, tmp_path):
+    workdir = tmp_path / "run"  # an earlier run's files (a stand-in: the core CLI tests cover a real one)
+    workdir.mkdir()
+    (workdir / "config.json").write_text("{}")
     args, key = _bad_inputs(tmp_path, corpus)[case]
     before = tree_digest(workdir)
     r = meshforge("train", ARITH, "--workdir", workdir, "--train.steps", "40", "--data.cache_dir", tmp_path / "c",

@@ -65,13 +65,13 @@ def test_a_document_is_unchanged_by_its_packed_neighbour(positions, causal):
 
     a, b = _docs("abc de"), _docs("xyzw!")
     alone, packed = batch(a), batch(b + a)
-    logits = {}
-    for name, bt in (("alone", alone), ("packed", packed)):
-        logits[name] = np.asarray(jax.jit(lambda p, x, s, q: mdef.apply(p, x, segment_ids_BT=s, positions_BT=q))(
-            params, bt["inputs"], bt["segment_ids"], bt["positions"]))
+    apply = jax.jit(lambda p, x, s, q: mdef.apply(p, x, segment_ids_BT=s, positions_BT=q))
+    logits = {name: np.asarray(apply(params, bt["inputs"], bt["segment_ids"], bt["positions"]))
+              for name, bt in (("alone", alone), ("packed", packed))}
     n, off = len(a[0]), len(b[0])
     np.testing.assert_array_equal(packed["positions"][0, off:off + n], np.arange(n))
     np.testing.assert_allclose(logits["packed"][0, off:off + n], logits["alone"][0, :n], atol=1e-5, rtol=1e-5)
-    # and without segment ids the neighbour does leak in (the test can fail)
-    leak = np.asarray(mdef.apply(params, packed["inputs"]))[0, off:off + n]
+    # with one segment over the whole row the neighbour does leak in (the test can fail)
+    one_doc = np.ones_like(packed["segment_ids"])
+    leak = np.asarray(apply(params, packed["inputs"], one_doc, packed["positions"]))[0, off:off + n]
     assert np.abs(leak - logits["alone"][0, :n]).max() > 1e-3
