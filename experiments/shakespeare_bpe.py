@@ -5,7 +5,11 @@
     meshforge bench experiments/shakespeare_bpe.py --data-only --json bench_data.json
 
 Hardware: a 2-core CPU (2 virtual XLA devices, data-parallel).
-Expected: RESULT
+Result (measured 2026-11-26 on that VM while two other jobs shared its 2 cores, load average 5.7 to 10):
+validation loss 4.146 / 3.817 / 3.633 / 3.571 nats per token at steps 250 / 500 / 1000 / 1500 (train loss 3.36),
+about 2.24 bits per character of the held-out speeches (2.30 characters per token); 17m17s wall, median step
+538 ms, i.e. the step consumed ~3.8k input tokens/s. `bench --data-only` under the same load delivered these
+batches at 6.0M tokens/s from the cache (7.4M without the prefetch thread), ~1,500x what the step consumes.
 
 Data: the shipped corpus split at blank lines into 7,222 speeches (documents); the last 10% of them are the
 validation split. A byte-level BPE with 1,024 ids (35 of them special: <pad>, <eos>, <mask>, 32 sentinels) is
