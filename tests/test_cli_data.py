@@ -48,6 +48,14 @@ def test_mixture_run_logs_exact_match_and_checkpoints_the_loader(run_dir):
     assert data_state["step"] == 20 and data_state["position"] == 20 * 4
 
 
+def test_eval_reports_exact_match(run_dir):
+    workdir, _ = run_dir
+    r = meshforge("eval", "--workdir", workdir, devices=2)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["step"] == 20 and out["val_loss"] > 0 and 0 <= out["exact_match"] <= 1
+
+
 def test_resume_continues_the_loader(run_dir, tmp_path):
     workdir, args = run_dir
     resumed = tmp_path / "resumed"
