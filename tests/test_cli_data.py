@@ -87,13 +87,18 @@ def test_tokenizer_train_then_bench_data_only(corpus, tmp_path):
     assert result["loader_tokens_per_s"] > 0 and result["mode"] == "packed" and "loader_tokens_per_s" in r.stdout
 
 
-@pytest.mark.parametrize("experiment", ["experiments/shakespeare_bpe.py", "experiments/shakespeare_mlm.py",
-                                        "experiments/synthetic_arithmetic.py"])
-def test_experiments_run(experiment, corpus, tmp_path):
+SPAN = ["--data.objective", "span", "--model.causal", "true"]
+
+
+@pytest.mark.parametrize("experiment,extra", [("experiments/shakespeare_bpe.py", []),
+                                              ("experiments/shakespeare_mlm.py", []),
+                                              ("experiments/shakespeare_mlm.py", SPAN),
+                                              ("experiments/synthetic_arithmetic.py", [])])
+def test_experiments_run(experiment, extra, corpus, tmp_path):
     small = [] if "synthetic" in experiment else ["--data.path", corpus["txt"]]  # the corpus, not all of Shakespeare
     r = meshforge("train", experiment, "--workdir", tmp_path / "run", "--train.steps", "4", "--train.eval_every",
                   "4", "--train.seq_len", "64", "--data.cache_dir", tmp_path / "cache", "--data.eval_problems", "4",
-                  "--data.bpe_vocab_size", "320", *small, *TINY, devices=2)
+                  "--data.bpe_vocab_size", "320", *small, *TINY, *extra, devices=2)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_val_loss"] > 0
 
