@@ -93,7 +93,8 @@ SPAN = ["--data.objective", "span", "--model.causal", "true"]
 @pytest.mark.parametrize("experiment,extra", [("experiments/shakespeare_bpe.py", []),
                                               ("experiments/shakespeare_mlm.py", []),
                                               ("experiments/shakespeare_mlm.py", SPAN),
-                                              ("experiments/synthetic_arithmetic.py", [])])
+                                              ("experiments/synthetic_arithmetic.py", [])],
+                         ids=["bpe", "mlm", "span", "arithmetic"])
 def test_experiments_run(experiment, extra, corpus, tmp_path):
     small = [] if "synthetic" in experiment else ["--data.path", corpus["txt"]]  # the corpus, not all of Shakespeare
     r = meshforge("train", experiment, "--workdir", tmp_path / "run", "--train.steps", "4", "--train.eval_every",
