@@ -3,7 +3,10 @@
     meshforge train experiments/shakespeare_mlm.py
 
 Hardware: a 2-core CPU (2 virtual XLA devices, data-parallel).
-Expected: RESULT
+Result (measured 2026-11-26 on that VM while two other jobs shared its 2 cores, load average 4 to 7):
+validation loss on the masked tokens 4.897 / 4.214 / 3.548 / 3.348 nats at steps 250 / 500 / 1000 / 1500
+(train 3.41, still falling), 11m31s wall, median step 389 ms. For scale: the causal shakespeare_bpe model
+predicts the next token at 3.571 nats; seeing both sides of a masked token makes it easier to guess.
 
 Objective: in every 128-token row, 15% of the tokens (never padding or special tokens) are chosen as targets;
 80% of those are replaced by <mask>, 10% by a random token and 10% left as they are (BERT). The loss is the
