@@ -19,14 +19,13 @@ def paragraphs(n: int, start: int = 0) -> list[str]:
 
 def write_corpus(folder: Path, n_docs: int = 300) -> dict[str, Path]:
     """The same documents as a .txt (blank-line paragraphs), a .jsonl, a .parquet, and a folder of .txt files."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import datasets
 
     folder.mkdir(parents=True, exist_ok=True)
     docs = paragraphs(n_docs)
     (folder / "corpus.txt").write_text("\n\n".join(docs) + "\n")
     (folder / "corpus.jsonl").write_text("".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(docs)))
-    pq.write_table(pa.table({"text": docs}), folder / "corpus.parquet")
+    datasets.Dataset.from_dict({"text": docs}).to_parquet(str(folder / "corpus.parquet"))
     (folder / "files").mkdir(exist_ok=True)
     for i in range(3):
         (folder / "files" / f"part{i}.txt").write_text("\n\n".join(docs[i::3]))
