@@ -28,13 +28,14 @@ def apply_rope(x_BTNH: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array) -> jax
     return out.astype(x_BTNH.dtype)
 
 
-def attention_mask(segment_ids_BT: jax.Array | None, length: int) -> jax.Array:
-    """Boolean (B|1, 1, T, T) mask: causal, and within one document when segment ids are given."""
-    causal_TT = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
+def attention_mask(segment_ids_BT: jax.Array | None, length: int, causal: bool = True) -> jax.Array:
+    """Boolean (B|1, 1, T, T) mask: causal (or all-to-all), and within one document when segment ids are given."""
+    ones_TT = jnp.ones((length, length), dtype=jnp.bool_)
+    allowed_TT = jnp.tril(ones_TT) if causal else ones_TT
     if segment_ids_BT is None:
-        return causal_TT[None, None]
+        return allowed_TT[None, None]
     same_doc_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    return (same_doc_BTT & causal_TT[None])[:, None]
+    return (same_doc_BTT & allowed_TT[None])[:, None]
 
 
 class Attention(nnx.Module):

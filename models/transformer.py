@@ -49,6 +49,7 @@ class ModelConfig:
     remat: Literal["none", "full", "dots"] = "none"
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters are always float32
     attention_impl: Literal["xla", "cudnn", "auto"] = "xla"
+    causal: bool = True  # False: bidirectional attention (masked-LM encoders); segments still separate documents
 
     def __post_init__(self):
         kv = self.n_kv_heads or self.n_heads
@@ -167,7 +168,7 @@ class Transformer(nnx.Module):
             x_BTD = dropout(x_BTD, cfg.dropout, k)
         else:
             dropout_key = None
-        mask = attention_mask(segment_ids_BT, T)
+        mask = attention_mask(segment_ids_BT, T, cfg.causal)
         rope = rope_tables(positions_BT, cfg.d_model // cfg.n_heads, cfg.rope_theta) if cfg.positions == "rope" else None
         x_BTD = self._blocks(x_BTD, mask, rope, dropout_key)
         x_BTD = self.final_norm(x_BTD)

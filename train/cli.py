@@ -4,6 +4,8 @@
     meshforge eval   [EXPERIMENT] [--workdir DIR] [--step N] [--section.key VALUE ...]
     meshforge sample [EXPERIMENT] [--workdir DIR] [--step N] [--prompt TEXT] [--max-new-tokens N]
                      [--temperature T] [--top-k K] [--num-samples N] [--seed S]
+    meshforge bench  EXPERIMENT --data-only [--json FILE] [--seconds S] [--section.key VALUE ...]
+    meshforge tokenizer train EXPERIMENT [--section.key VALUE ...]
 
 Exit codes: 0 done, 2 user error (one line on stderr), 1 bug (traceback).
 """
@@ -19,7 +21,7 @@ from parallel.errors import UserError
 from train.health import TrainingHalted
 from train.workdir import StorageError
 
-VERBS = ("train", "eval", "sample")
+VERBS = ("train", "eval", "sample", "bench", "tokenizer")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,7 +31,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser(verb: str) -> argparse.ArgumentParser:
     p = _Parser(prog=f"meshforge {verb}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", nargs="?" if verb != "train" else None, help="experiment file, e.g. "
+    if verb == "tokenizer":
+        p.add_argument("action", choices=["train"], help="train: build the data section's tokenizer into the cache")
+    needs_experiment = verb in ("train", "bench", "tokenizer")
+    p.add_argument("experiment", nargs=None if needs_experiment else "?", help="experiment file, e.g. "
                    "experiments/shakespeare_char.py")
     p.add_argument("--workdir", help="run directory (default: runs/<experiment name>)")
     if verb == "train":
@@ -38,7 +43,11 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         p.add_argument("--process-id", type=int, help="multi-process: this process's index")
         p.add_argument("--fresh", action="store_true", help="start over: move an earlier run in the workdir to "
                        "WORKDIR/archive/<time>/ (nothing is deleted) instead of resuming it")
-    else:
+    elif verb == "bench":
+        p.add_argument("--data-only", action="store_true", help="time the data pipeline only")
+        p.add_argument("--json", help="also write the results to this JSON file")
+        p.add_argument("--seconds", type=float, default=3.0, help="time each measurement this long")
+    elif verb in ("eval", "sample"):
         p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     if verb == "sample":
         p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
@@ -86,7 +95,7 @@ def _config(verb: str, args, overrides):
         raise UserError("give an experiment file or --workdir of a finished run")
     cfg = apply_overrides(cfg, overrides)
     workdir = Path(args.workdir) if args.workdir else Path("runs") / cfg.name
-    if verb != "train" and args.experiment and (workdir / "config.json").exists():
+    if verb in ("eval", "sample") and args.experiment and (workdir / "config.json").exists():
         # eval/sample on an existing run: its saved config is the one its checkpoints were made with
         saved = from_dict(json.loads((workdir / "config.json").read_text()))
         cfg = apply_overrides(saved, overrides)
@@ -100,8 +109,12 @@ def run(verb: str, argv: list[str]) -> int:
 
     from parallel.mesh import configure_cpu_devices, default_cpu_devices, maybe_initialize_distributed
 
+    if verb == "tokenizer":
+        return tokenizer_train(cfg)
     rows = cfg.train.batch_size // max(1, cfg.optim.accum_steps)
     configure_cpu_devices(cfg.mesh.cpu_devices or default_cpu_devices(cfg.mesh, rows))  # before JAX starts
+    if verb == "bench":
+        return bench(cfg, args)
     if verb == "train":
         maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         from train.loop import train
@@ -119,7 +132,12 @@ def run(verb: str, argv: list[str]) -> int:
         with activate(setup.mesh):
             eval_step = make_eval_step(setup.mdef, setup.shardings["params"], setup.batch_sharding)
             val_loss = evaluate(setup, params, eval_step, setup.cfg.train.eval_batches)
-        print(json.dumps({"step": step, "val_loss": round(val_loss, 6), "workdir": str(workdir)}))
+            tasks = {}
+            if setup.data.tasks and setup.cfg.model.causal:
+                from train.task_eval import TaskEvaluator
+
+                tasks = {k: round(v, 6) for k, v in TaskEvaluator(setup)(params).items()}
+        print(json.dumps({"step": step, "val_loss": round(val_loss, 6), **tasks, "workdir": str(workdir)}))
         return 0
 
     from parallel.mesh import batch_divisor
@@ -139,6 +157,35 @@ def run(verb: str, argv: list[str]) -> int:
         if args.num_samples > 1:
             print(f"--- sample {i + 1} (step {step}) ---")
         print(setup.data.tokenizer.decode(ids))
+    return 0
+
+
+def bench(cfg, args) -> int:
+    if not args.data_only:
+        raise UserError("bench: only --data-only is available in this build; add --data-only")
+    from train.bench_data import bench_data, format_table
+
+    result = bench_data(cfg, seconds=args.seconds)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def tokenizer_train(cfg) -> int:
+    """Fit the data section's tokenizer into the cache (a run copies it into its workdir as tokenizer.json)."""
+    if cfg.data.mode != "packed":
+        raise UserError("data.mode: tokenizer train builds the cached tokenizer of data.mode packed; windows mode "
+                        "fits its tokenizer to the text at the start of each run")
+    if cfg.data.tokenizer_path:
+        raise UserError(f"data.tokenizer_path: {cfg.data.tokenizer_path} is given, so there is nothing to train; "
+                        "clear it to build the tokenizer from the data")
+    from data.cache import get_tokenizer
+    from data.tokenize import fingerprint
+
+    tok, path = get_tokenizer(cfg.data, retrain=True)
+    print(json.dumps({"kind": tok.kind, "vocab_size": tok.vocab_size, "fingerprint": fingerprint(tok),
+                      "path": str(path) if path else None}))
     return 0
 
 

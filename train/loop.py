@@ -31,6 +31,7 @@ from train.preemption import PreemptionGuard
 from train.setup import Setup, build, check_resumable
 from train.state import abstract_state, count_params, init_state
 from train.step import make_eval_step, make_train_step
+from train.task_eval import TaskEvaluator
 from train.workdir import RunLock, archive_run, ensure_writable, is_storage_failure, storage_error
 
 
@@ -117,6 +118,7 @@ def _train(setup: Setup, workdir: Path, resuming: bool) -> dict:
         if resuming:
             target = abstract_state(setup.tx, setup.mdef, setup.shardings)
             state, _extra, _ = ckpt.restore_latest_valid(target, warn=lambda m: say(f"meshforge: warning: {m}"))
+            setup.data.restore(_extra.get("data") or {})  # the loader continues from the saved position
         else:
             state = init_state(setup.tx, setup.mdef, setup.shardings, tc.seed)
         start = int(jax.device_get(state["step"]))
@@ -151,6 +153,10 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
                  f"{dict(setup.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices | "
                  f"{'resuming at step ' + str(start) if resuming else 'new run'} | workdir {workdir}")
     progress.log("config: " + json.dumps(cfg.to_dict(), separators=(",", ":")))
+
+    # Synthetic tasks in the data: exact match of greedy samples on held-out problems, at every eval.
+    task_eval = TaskEvaluator(setup) if setup.data.tasks and cfg.model.causal else None
+    task_scores: dict = {}
 
     rows = process_rows(setup.batch_sharding, tc.batch_size)
 
@@ -216,8 +222,10 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
         evaluated = False
         if ((tc.eval_every and done % tc.eval_every == 0) or done == tc.steps) and not stop:
             val_loss = evaluate(setup, state["params"], eval_step, tc.eval_batches)
-            metrics.write(done, {"val_loss": val_loss})
-            progress.log(f"eval at step {done}: val_loss {val_loss:.4f}")
+            task_scores = task_eval(state["params"]) if task_eval is not None else {}
+            metrics.write(done, {"val_loss": val_loss, **task_scores})
+            progress.log(f"eval at step {done}: val_loss {val_loss:.4f}"
+                         + "".join(f", {k} {v:.4f}" for k, v in task_scores.items()))
             evaluated = True
         if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps or stop or timed_save:
             save(done)
@@ -248,6 +256,7 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
         "step_ms_median": round(statistics.median(step_ms), 3) if step_ms else None,
         "final_loss": last.get("loss"),
         "final_val_loss": val_loss,
+        **{f"final_{k}": v for k, v in task_scores.items()},
         "skipped_steps": last.get("skipped_steps", 0),
         "devices": jax.device_count(),
         "processes": jax.process_count(),
