@@ -281,6 +281,11 @@ def restore_for_inference(cfg: Config, workdir: Path, step: int | None = None):
     if step not in steps:
         raise UserError(f"--step {step}: no such checkpoint in {workdir}; available: {', '.join(map(str, steps))}")
     with activate(setup.mesh):
-        state, _ = ckpt.restore(step, abstract_state(setup.tx, setup.mdef, setup.shardings))
-    ckpt.close()
+        try:
+            state, _ = ckpt.restore_quietly(step, abstract_state(setup.tx, setup.mdef, setup.shardings))
+        except Exception as e:  # noqa: BLE001 - unreadable or made by another config: one line, not a traceback
+            raise UserError(f"checkpoint {step} in {workdir} cannot be restored ({e}); it is damaged or was "
+                            "written by an incompatible version or config") from None
+        finally:
+            ckpt.close()
     return setup, state["params"], step
