@@ -3,15 +3,24 @@
 The batch for step s is a pure function of (seed, s): resuming at step N costs nothing, and every host derives
 the same global batch plan but reads and transfers only the rows its own devices hold. Global `jax.Array`s are
 assembled from those local rows with `jax.make_array_from_process_local_data`.
+
+For packed data the global order is: sample position p -> (source, index) by a seeded weighted schedule
+(`MixtureSchedule`), then index -> row by a permutation of the source's rows that is fresh each epoch and can be
+evaluated at any index (`permute`, a Feistel cipher), so no epoch's order is ever materialised or replayed.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from data.hashing import hash64, mix64
 from parallel.errors import UserError
 
 Batch = dict[str, np.ndarray]
@@ -80,3 +89,119 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, rows: np.nda
             "targets": padded[pos + 1],
             "weights": valid[pos] * live[:, None],
         }
+
+
+# --- packed data: order ----------------------------------------------------------------------------------------
+
+FEISTEL_ROUNDS = 6
+
+
+@functools.lru_cache(maxsize=256)
+def _round_keys(key: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    return tuple(hash64(*key, r) for r in range(FEISTEL_ROUNDS))
+
+
+def permute(index: np.ndarray, n: int, *key: int) -> np.ndarray:
+    """The key's pseudo-random permutation of range(n), evaluated at `index` only: O(len(index)) for any n.
+
+    A balanced Feistel network is a bijection on [0, 4^h) >= n; cycle-walking (re-encrypting values >= n) turns
+    it into a bijection on [0, n). The domain is < 4n, so a value needs fewer than 4 rounds of walking on average.
+    """
+    index = np.asarray(index, np.int64)
+    if n <= 1:
+        return np.zeros_like(index)
+    half = max(1, (int(n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    round_keys = _round_keys(tuple(int(k) for k in key))
+
+    def encrypt(x: np.ndarray) -> np.ndarray:
+        left, right = x >> np.uint64(half), x & mask
+        for k in round_keys:
+            left, right = right, left ^ (mix64(right ^ k) & mask)
+        return (left << np.uint64(half)) | right
+
+    out = encrypt(index.astype(np.uint64))
+    walk = out >= n
+    while walk.any():
+        out[walk] = encrypt(out[walk])
+        walk = out >= n
+    return out.astype(np.int64)
+
+
+class MixtureSchedule:
+    """Which source each sample position reads, and the how-many-th sample of that source it is.
+
+    Positions come in blocks of `block` samples; in each block source k fills round(w_k * block) slots (at least
+    one) in a seeded random order. So the mixture holds the weights exactly per block, and a source's sample
+    count at any position is closed-form: block * count_k + its rank inside the block (O(1) to resume).
+    """
+
+    def __init__(self, weights: list[float], seed: int, block: int = 4096):
+        w = np.asarray(weights, np.float64) / np.sum(weights)
+        counts = np.maximum(1, np.floor(w * block).astype(np.int64))
+        for k in np.argsort(-(w * block - np.floor(w * block)))[: max(0, block - counts.sum())]:
+            counts[k] += 1  # largest remainders take the slots rounding left over
+        self.counts, self.block, self.seed = counts, int(counts.sum()), seed
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _layout(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            if b in self._cache:
+                self._cache.move_to_end(b)
+                return self._cache[b]
+        source = np.random.default_rng([self.seed, 0x5EED, b]).permutation(np.repeat(np.arange(len(self.counts)),
+                                                                                    self.counts))
+        rank = np.empty(self.block, np.int64)
+        for k in range(len(self.counts)):
+            at = np.flatnonzero(source == k)
+            rank[at] = np.arange(len(at))
+        with self._lock:
+            self._cache[b] = (source, rank)
+            if len(self._cache) > 8:
+                self._cache.popitem(last=False)
+        return source, rank
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source, index within that source's sample stream) of each position."""
+        positions = np.asarray(positions, np.int64)
+        if len(self.counts) == 1:
+            return np.zeros_like(positions), positions
+        source, index = np.empty_like(positions), np.empty_like(positions)
+        blocks = positions // self.block
+        for b in np.unique(blocks):
+            at = blocks == b
+            src, rank = self._layout(int(b))
+            offset = positions[at] - b * self.block
+            source[at] = src[offset]
+            index[at] = b * self.counts[src[offset]] + rank[offset]
+        return source, index
+
+
+class Prefetcher:
+    """Computes `make(step)` for the next `depth` steps in a background thread while the caller trains.
+
+    Batches are pure functions of the step, so a prefetched batch is exactly the batch the caller would have
+    built; asking for any other step (a resume, a jump) just computes it directly.
+    """
+
+    def __init__(self, make: Callable[[int], dict], depth: int):
+        self.make, self.depth = make, depth
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshforge-prefetch") if depth else None
+        self.pending: dict[int, Future] = {}
+
+    def get(self, step: int) -> dict:
+        future = self.pending.pop(step, None)
+        batch = future.result() if future is not None else self.make(step)
+        if self.pool is not None:
+            for s in [s for s in self.pending if s < step or s > step + self.depth]:
+                self.pending.pop(s).cancel()
+            for s in range(step + 1, step + 1 + self.depth):
+                if s not in self.pending:
+                    self.pending[s] = self.pool.submit(self.make, s)
+        return batch
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pending.clear()

@@ -2,7 +2,11 @@
 
 Every batch is a dict of host numpy arrays with the rows this process holds: `inputs`, `targets`, `weights`
 (B, T), optionally `segment_ids` and `positions` for packed documents. Train batches are a pure function of
-(seed, step), so the pipeline's checkpointed state is just the step.
+the loader's position, which `state(step)` reports for the checkpoint and `restore(state)` takes back.
+`tasks` are the synthetic tasks in the data, whose exact-match accuracy the loop measures from model samples.
+
+Two implementations: `TextPipeline` (data.mode windows: random windows of one text file) and
+`data.packed.PackedPipeline` (data.mode packed: datasets-backed sources, packing, objectives, mixtures).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from data.tokenize import Tokenizer, build_tokenizer, load_tokenizer
 
 class Pipeline(Protocol):
     tokenizer: Tokenizer
+    tasks: list  # data.synthetic.Task objects the loop evaluates by exact match (empty for plain corpora)
 
     def train_batch(self, step: int, rows: np.ndarray) -> Batch: ...
 
@@ -27,12 +32,19 @@ class Pipeline(Protocol):
 
     def state(self, step: int) -> dict: ...
 
+    def restore(self, state: dict) -> None: ...
+
 
 class TextPipeline:
     """One local text file, character- or byte-level, random windows for training, the file's tail for eval."""
 
+    tasks: list = []
+
     def __init__(self, cfg: DataConfig, batch_size: int, seq_len: int, seed: int, tokenizer: Tokenizer | None = None):
-        self.tokenizer = tokenizer or build_tokenizer(cfg.tokenizer, read_text(cfg.path))
+        if tokenizer is None and cfg.tokenizer_path:
+            tokenizer = load_tokenizer(Path(cfg.tokenizer_path))
+        self.tokenizer = tokenizer or build_tokenizer(cfg.tokenizer, read_text(cfg.path),
+                                                      vocab_size=cfg.bpe_vocab_size)
         self.train_ids, self.val_ids = text_splits(cfg.path, cfg.val_fraction, self.tokenizer)
         self.seq_len = seq_len
         self.loader = WindowLoader(self.train_ids, batch_size, seq_len, seed)
@@ -46,10 +58,17 @@ class TextPipeline:
     def state(self, step: int) -> dict:
         return {"step": step}
 
+    def restore(self, state: dict) -> None:
+        pass  # windows are a function of (seed, step): the restored train state's step is all it needs
+
 
 def build_pipeline(cfg: DataConfig, *, batch_size: int, seq_len: int, seed: int,
                    workdir: Path | None = None) -> Pipeline:
     """The pipeline for a data section; a run's saved tokenizer (workdir/tokenizer.json) wins over a new one."""
     saved = workdir / "tokenizer.json" if workdir else None
     tokenizer = load_tokenizer(saved) if saved is not None and saved.exists() else None
+    if cfg.mode == "packed":
+        from data.packed import PackedPipeline  # imports HF datasets, which the windows mode never needs
+
+        return PackedPipeline(cfg, batch_size, seq_len, seed, tokenizer)
     return TextPipeline(cfg, batch_size, seq_len, seed, tokenizer)

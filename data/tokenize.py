@@ -1,7 +1,16 @@
-"""Character- and byte-level tokenizers: no training, exact round trips, saved as JSON next to a run."""
+"""Tokenizers: byte-level (no training), character-level, and byte-level BPE trained with the `tokenizers` library.
+
+All three map text to int32 ids and back exactly, save as one JSON file (next to the data cache and into the run's
+workdir), and may carry special tokens (padding, end of document, mask, span sentinels) that the packed pipeline
+and its objectives use. A tokenizer's `fingerprint` (a hash of its JSON) keys the data cache, so a changed
+tokenizer is never silently paired with rows tokenized by another one.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
+import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -9,45 +18,85 @@ import numpy as np
 
 from parallel.errors import UserError
 
+N_SENTINELS = 32  # span corruption: at most this many corrupted spans per row
+SPECIALS = ("<pad>", "<eos>", "<mask>") + tuple(f"<extra_id_{i}>" for i in range(N_SENTINELS))
+
 
 class Tokenizer(Protocol):
     kind: str
-    vocab_size: int
+    vocab_size: int  # every id the tokenizer can produce, special tokens included
 
     def encode(self, text: str) -> np.ndarray: ...
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]: ...
     def decode(self, ids) -> str: ...
+    def special_id(self, name: str) -> int: ...
+    def regular_ids(self) -> np.ndarray: ...
     def to_json(self) -> dict: ...
 
 
-class ByteTokenizer:
+class _Specials:
+    """Special tokens appended after a tokenizer's own ids (byte and char tokenizers)."""
+
+    def _init_specials(self, base: int, specials: tuple[str, ...]):
+        self.base_size, self.specials = base, tuple(specials)
+        self.vocab_size = base + len(self.specials)
+        self._special_index = {name: base + i for i, name in enumerate(self.specials)}
+
+    def special_id(self, name: str) -> int:
+        if name not in self._special_index:
+            raise UserError(f"the {self.kind} tokenizer has no special token {name}; the packed pipeline "
+                            "(data.mode packed) builds tokenizers with them")
+        return self._special_index[name]
+
+    def regular_ids(self) -> np.ndarray:
+        return np.arange(self.base_size, dtype=np.int32)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
+
+    def _decode_with(self, ids, decode_regular) -> str:
+        out, run = [], []
+        for i in map(int, ids):
+            if 0 <= i < self.base_size:
+                run.append(i)
+            elif self.base_size <= i < self.vocab_size:
+                out.append(decode_regular(run))
+                out.append(self.specials[i - self.base_size])
+                run = []
+        out.append(decode_regular(run))
+        return "".join(out)
+
+
+class ByteTokenizer(_Specials):
     kind = "byte"
-    vocab_size = 256
+
+    def __init__(self, specials: tuple[str, ...] = ()):
+        self._init_specials(256, specials)
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
 
     def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+        return self._decode_with(ids, lambda run: bytes(run).decode("utf-8", errors="replace"))
 
     def to_json(self) -> dict:
-        return {"kind": self.kind}
+        return {"kind": self.kind, **({"specials": list(self.specials)} if self.specials else {})}
 
 
-class CharTokenizer:
-    """One id per distinct character of the training corpus, in sorted order (as nanoGPT's char model)."""
+class CharTokenizer(_Specials):
+    """One id per distinct character of the corpus, in sorted order (as nanoGPT's char model), then specials."""
 
     kind = "char"
 
-    def __init__(self, chars: str):
+    def __init__(self, chars: str, specials: tuple[str, ...] = ()):
         self.chars = chars
-        self.vocab_size = len(chars)
-        self._index = {c: i for i, c in enumerate(chars)}
+        self._init_specials(len(chars), specials)
         self._table = np.full(max(map(ord, chars)) + 1, -1, dtype=np.int32)
         self._table[[ord(c) for c in chars]] = np.arange(len(chars), dtype=np.int32)
 
     @classmethod
-    def fit(cls, text: str) -> "CharTokenizer":
-        return cls("".join(sorted(set(text))))
+    def fit(cls, text: str, specials: tuple[str, ...] = ()) -> "CharTokenizer":
+        return cls("".join(sorted(set(text))), specials)
 
     def encode(self, text: str) -> np.ndarray:
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
@@ -58,28 +107,116 @@ class CharTokenizer:
         return ids.astype(np.int32)
 
     def decode(self, ids) -> str:
-        return "".join(self.chars[int(i)] for i in ids if 0 <= int(i) < self.vocab_size)
+        return self._decode_with(ids, lambda run: "".join(self.chars[i] for i in run))
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "chars": self.chars}
+        return {"kind": self.kind, "chars": self.chars, **({"specials": list(self.specials)} if self.specials else {})}
 
 
-def build_tokenizer(kind: str, text: str) -> Tokenizer:
+class BPETokenizer:
+    """A byte-level BPE (the `tokenizers` library): any text round-trips exactly; specials are whole tokens."""
+
+    kind = "bpe"
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        specials = [t for t in SPECIALS if tok.token_to_id(t) is not None]
+        self._special_index = {t: tok.token_to_id(t) for t in specials}
+
+    @classmethod
+    def train(cls, texts: Iterable[list[str]], vocab_size: int, specials: tuple[str, ...] = SPECIALS,
+              length: int | None = None) -> "BPETokenizer":
+        """Train on batches of texts. Deterministic: the same texts give the same merges."""
+        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(texts, trainer=trainer, length=length)
+        return cls(tok)
+
+    @classmethod
+    def from_str(cls, spec: str) -> "BPETokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(spec))
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tok.encode(text).ids, dtype=np.int32)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.int32) for e in self.tok.encode_batch(texts)]
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def special_id(self, name: str) -> int:
+        if name not in self._special_index:
+            raise UserError(f"this BPE tokenizer has no special token {name}; train it with meshforge's specials "
+                            "(meshforge tokenizer train)")
+        return self._special_index[name]
+
+    def regular_ids(self) -> np.ndarray:
+        special = set(self._special_index.values())
+        return np.array([i for i in range(self.vocab_size) if i not in special], dtype=np.int32)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "tokenizer": self.tok.to_str()}
+
+
+def fingerprint(tok: Tokenizer) -> str:
+    return hashlib.sha256(json.dumps(tok.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_tokenizer(kind: str, text: str, specials: tuple[str, ...] = (), vocab_size: int = 2048) -> Tokenizer:
+    """A tokenizer fitted to one text (the windows pipeline); the packed pipeline fits over documents instead."""
     if kind == "char":
-        return CharTokenizer.fit(text)
+        return CharTokenizer.fit(text, specials)
     if kind == "byte":
-        return ByteTokenizer()
-    raise UserError(f"data.tokenizer: unknown tokenizer {kind!r}; use 'char' or 'byte'")
+        return ByteTokenizer(specials)
+    if kind == "bpe":
+        return BPETokenizer.train(_batches([text]), vocab_size)
+    raise UserError(f"data.tokenizer: unknown tokenizer {kind!r}; use 'char', 'byte' or 'bpe'")
+
+
+def _batches(texts: list[str], size: int = 1000) -> Iterator[list[str]]:
+    for i in range(0, len(texts), size):
+        yield texts[i:i + size]
 
 
 def save_tokenizer(tok: Tokenizer, path: Path) -> None:
-    path.write_text(json.dumps(tok.to_json(), ensure_ascii=False))
+    """Write atomically: several processes of one run may save the same tokenizer at once."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp.write_text(json.dumps(tok.to_json(), ensure_ascii=False))
+    tmp.replace(path)
+
+
+def tokenizer_from_json(spec: dict, where: str = "tokenizer") -> Tokenizer:
+    kind = spec.get("kind")
+    specials = tuple(spec.get("specials", ()))
+    if kind == "char":
+        return CharTokenizer(spec["chars"], specials)
+    if kind == "byte":
+        return ByteTokenizer(specials)
+    if kind == "bpe":
+        return BPETokenizer.from_str(spec["tokenizer"])
+    if "model" in spec and "pre_tokenizer" in spec:  # a HuggingFace tokenizers JSON file
+        return BPETokenizer.from_str(json.dumps(spec))
+    raise UserError(f"{where}: unknown tokenizer kind {kind!r}")
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
-    spec = json.loads(Path(path).read_text())
-    if spec["kind"] == "char":
-        return CharTokenizer(spec["chars"])
-    if spec["kind"] == "byte":
-        return ByteTokenizer()
-    raise UserError(f"{path}: unknown tokenizer kind {spec['kind']!r}")
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"data.tokenizer_path: no such file: {path}; give a tokenizer JSON "
+                        "(e.g. a run's tokenizer.json) or leave it empty to build one")
+    try:
+        spec = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a tokenizer JSON file ({e})") from None
+    return tokenizer_from_json(spec, str(path))

@@ -31,8 +31,8 @@ def apply_rope(x_BTNH: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array) -> jax
 def segment_mask(segment_ids_BT: jax.Array | None) -> jax.Array | None:
     """Boolean (B, 1, T, T) mask keeping attention inside each packed document; None for unpacked rows.
 
-    Causality is not in this mask: attention passes `is_causal=True`, which cuDNN turns into its fast causal
-    kernel (it skips the masked half) and XLA into the same triangular mask as before.
+    Causality is not in this mask: a causal model passes `is_causal=True`, which cuDNN turns into its fast causal
+    kernel (it skips the masked half) and XLA into the triangular mask.
     """
     if segment_ids_BT is None:
         return None
@@ -52,11 +52,12 @@ class Attention(nnx.Module):
         implementation: Literal["xla", "cudnn"] | None,
         dtype: jnp.dtype,
         param_dtype: jnp.dtype = jnp.float32,
+        causal: bool = True,
         rngs: nnx.Rngs,
     ):
         head_dim = d_model // n_heads
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.implementation, self.dtype = implementation, dtype
+        self.implementation, self.dtype, self.causal = implementation, dtype, causal
         init = jax.nn.initializers.normal(init_std)
         pd = param_dtype
         self.wq_DNH = param(rngs, init, (d_model, n_heads, head_dim), ("embed", "heads", "head_dim"), pd)
@@ -85,7 +86,7 @@ class Attention(nnx.Module):
             q_BTNH, k_BTKH = apply_rope(q_BTNH, *rope), apply_rope(k_BTKH, *rope)
         q_BTNH = constrain(q_BTNH, ("batch", "length", "act_heads", "head_dim"))
         k_BTKH = constrain(k_BTKH, ("batch", "length", "act_kv_heads", "head_dim"))
-        out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask, is_causal=True,
+        out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask, is_causal=self.causal,
                                                 implementation=self.implementation)
         out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, self.wo_NHD[...].astype(dt))
         if self.use_bias:

@@ -58,6 +58,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     attention_impl: Literal["xla", "cudnn", "auto"] = "xla"
+    causal: bool = True  # False: bidirectional attention (masked-LM encoders); segments still separate documents
     # Mixture of experts: with moe_experts > 0 the MLP of every moe_every-th layer (the last of each group of
     # moe_every) is a sparse MoE block of moe_experts experts, each token going to its moe_top_k best.
     moe_experts: int = 0
@@ -150,7 +151,8 @@ class Block(nnx.Module):
         self.dropout = cfg.dropout
         self.attn_norm = Norm(cfg.d_model, cfg.norm, rngs, pd)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, use_bias=cfg.use_bias, init_std=cfg.init_std,
-                              out_std=out_std, implementation=impl, dtype=dtype, param_dtype=pd, rngs=rngs)
+                              out_std=out_std, implementation=impl, dtype=dtype, param_dtype=pd, causal=cfg.causal,
+                              rngs=rngs)
         self.mlp_norm = Norm(cfg.d_model, cfg.norm, rngs, pd)
         if moe:
             self.mlp = MoEMLP(cfg.d_model, cfg.expert_ff_dim, cfg.moe_experts, top_k=cfg.moe_top_k,

@@ -41,6 +41,12 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def run_with_faults(args, faults):
+    env = {**cli_env(2), "MESHFORGE_FAULTS": faults}
+    return subprocess.run([sys.executable, "-m", "train.cli", *map(str, args)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """An uninterrupted 60-step run, logging every step, checkpoints every 30."""
@@ -55,9 +61,7 @@ def test_sigkill_then_resume_is_bitwise_identical(straight, tmp_path):
     workdir = tmp_path / "killed"
     args = ["train", EXPERIMENT, "--workdir", workdir, "--train.steps", "60", "--train.log_every", "1",
             "--train.checkpoint_every", "30", *TINY]
-    env = {**cli_env(2), "MESHFORGE_FAULTS": "kill_at_step=34"}
-    r = subprocess.run([sys.executable, "-m", "train.cli", *map(str, args)], env=env, cwd=REPO,
-                       capture_output=True, text=True, timeout=600)
+    r = run_with_faults(args, "kill_at_step=34")
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert not (workdir / "summary.json").exists()
     r = meshforge(*args, devices=2)
@@ -74,9 +78,7 @@ def test_kill_during_a_checkpoint_write_never_resumes_from_it(straight, tmp_path
     workdir = tmp_path / "killed_hard"
     args = ["train", EXPERIMENT, "--workdir", workdir, "--train.steps", "60", "--train.log_every", "1",
             "--train.checkpoint_every", "30", *TINY]
-    env = {**cli_env(2), "MESHFORGE_FAULTS": "kill_hard_at_step=31"}
-    r = subprocess.run([sys.executable, "-m", "train.cli", *map(str, args)], env=env, cwd=REPO,
-                       capture_output=True, text=True, timeout=600)
+    r = run_with_faults(args, "kill_hard_at_step=31")
     assert r.returncode == -signal.SIGKILL, r.stderr
     r = meshforge(*args, devices=2)
     assert r.returncode == 0, r.stderr
@@ -130,9 +132,7 @@ def test_sigterm_checkpoints_exits_0_and_resumes_exactly(tmp_path):
 def test_nonfinite_step_is_skipped_and_counted(tmp_path):
     workdir = tmp_path / "nan"
     args = ["train", EXPERIMENT, "--workdir", workdir, "--train.steps", "20", "--train.log_every", "1", *TINY]
-    env = {**cli_env(2), "MESHFORGE_FAULTS": "nan_at_step=12"}
-    r = subprocess.run([sys.executable, "-m", "train.cli", *map(str, args)], env=env, cwd=REPO,
-                       capture_output=True, text=True, timeout=600)
+    r = run_with_faults(args, "nan_at_step=12")
     assert r.returncode == 0, r.stderr
     assert "step 13: non-finite" in r.stderr  # batch index 12 is the 13th step
     rows = {row["step"]: row for row in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
@@ -141,8 +141,7 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
     assert all(rows[s]["loss"] is not None for s in rows if s != 13)
     assert json.loads((workdir / "summary.json").read_text())["skipped_steps"] == 1
 
-    r = subprocess.run([sys.executable, "-m", "train.cli", *map(str, args), "--train.nonfinite", "stop",
-                        "--workdir", tmp_path / "nan_stop"], env=env, cwd=REPO, capture_output=True, text=True)
+    r = run_with_faults([*args, "--train.nonfinite", "stop", "--workdir", tmp_path / "nan_stop"], "nan_at_step=12")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "non-finite loss or gradients at step 13" in r.stderr.strip().splitlines()[-1]
 

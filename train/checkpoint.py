@@ -47,6 +47,14 @@ class Checkpointer:
                                                                  extra=ocp.args.JsonRestore()))
         return out.state, dict(out.extra)
 
+    def restore_quietly(self, step: int, target: Any) -> tuple[Any, dict]:
+        """restore(), with the failure reduced to one line (no background-thread tracebacks)."""
+        try:
+            with _quiet_async_leftovers():
+                return self.restore(step, target)
+        except Exception as e:
+            raise RuntimeError(_first_line(e)) from None
+
     def restore_latest_valid(self, target: Any, warn: Callable[[str], None]) -> tuple[Any, dict, int]:
         """Restore the newest readable checkpoint. Newer ones that fail to read while an older one reads fine
         are corrupt: they are moved to WORKDIR/corrupt_checkpoints/ (never deleted) and reported in one line."""

@@ -5,6 +5,8 @@
     meshforge sample [EXPERIMENT] [--workdir DIR] [--step N] [--prompt TEXT] [--max-new-tokens N]
                      [--temperature T] [--top-k K] [--num-samples N] [--seed S]
     meshforge bench  EXPERIMENT [--section.key VALUE ...] [--steps N] [--warmup N] [--json FILE]
+    meshforge bench  EXPERIMENT --data-only [--json FILE] [--seconds S] [--section.key VALUE ...]
+    meshforge tokenizer train EXPERIMENT [--section.key VALUE ...]
 
 Exit codes: 0 done, 2 user error (one line on stderr), 1 bug (traceback).
 """
@@ -20,7 +22,7 @@ from parallel.errors import UserError
 from train.health import TrainingHalted
 from train.workdir import StorageError
 
-VERBS = ("train", "eval", "sample", "bench")
+VERBS = ("train", "eval", "sample", "bench", "tokenizer")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,7 +32,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser(verb: str) -> argparse.ArgumentParser:
     p = _Parser(prog=f"meshforge {verb}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", nargs="?" if verb in ("eval", "sample") else None, help="experiment file, e.g. "
+    if verb == "tokenizer":
+        p.add_argument("action", choices=["train"], help="train: build the data section's tokenizer into the cache")
+    needs_experiment = verb in ("train", "bench", "tokenizer")
+    p.add_argument("experiment", nargs=None if needs_experiment else "?", help="experiment file, e.g. "
                    "experiments/shakespeare_char.py")
     p.add_argument("--workdir", help="run directory (default: runs/<experiment name>)")
     if verb == "train":
@@ -40,10 +45,12 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         p.add_argument("--fresh", action="store_true", help="start over: move an earlier run in the workdir to "
                        "WORKDIR/archive/<time>/ (nothing is deleted) instead of resuming it")
     elif verb == "bench":
+        p.add_argument("--data-only", action="store_true", help="time the data pipeline only")
         p.add_argument("--json", help="also write the results to this JSON file")
-        p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
-        p.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling (default 3)")
-    else:
+        p.add_argument("--seconds", type=float, default=3.0, help="--data-only: time each measurement this long")
+        p.add_argument("--steps", type=int, default=20, help="timed train steps (default 20)")
+        p.add_argument("--warmup", type=int, default=3, help="untimed train steps after compiling (default 3)")
+    elif verb in ("eval", "sample"):
         p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     if verb == "sample":
         p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
@@ -105,6 +112,8 @@ def run(verb: str, argv: list[str]) -> int:
 
     from parallel.mesh import configure_cpu_devices, default_cpu_devices, maybe_initialize_distributed
 
+    if verb == "tokenizer":
+        return tokenizer_train(cfg)
     rows = cfg.train.batch_size // max(1, cfg.optim.accum_steps)
     configure_cpu_devices(cfg.mesh.cpu_devices or default_cpu_devices(cfg.mesh, rows))  # before JAX starts
     if verb == "bench":
@@ -126,7 +135,12 @@ def run(verb: str, argv: list[str]) -> int:
         with activate(setup.mesh):
             eval_step = make_eval_step(setup.mdef, setup.shardings["params"], setup.batch_sharding)
             val_loss = evaluate(setup, params, eval_step, setup.cfg.train.eval_batches)
-        print(json.dumps({"step": step, "val_loss": round(val_loss, 6), "workdir": str(workdir)}))
+            tasks = {}
+            if setup.data.tasks and setup.cfg.model.causal:
+                from train.task_eval import TaskEvaluator
+
+                tasks = {k: round(v, 6) for k, v in TaskEvaluator(setup)(params).items()}
+        print(json.dumps({"step": step, "val_loss": round(val_loss, 6), **tasks, "workdir": str(workdir)}))
         return 0
 
     from parallel.mesh import batch_divisor
@@ -149,6 +163,39 @@ def run(verb: str, argv: list[str]) -> int:
     return 0
 
 
+def bench(cfg, args) -> int:
+    """Compile and time the train step (train/bench.py), or with --data-only the input pipeline alone."""
+    if not args.data_only:
+        from train.bench import bench as bench_step
+
+        bench_step(cfg, steps=args.steps, warmup=args.warmup, json_path=args.json)
+        return 0
+    from train.bench_data import bench_data, format_table
+
+    result = bench_data(cfg, seconds=args.seconds)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def tokenizer_train(cfg) -> int:
+    """Fit the data section's tokenizer into the cache (a run copies it into its workdir as tokenizer.json)."""
+    if cfg.data.mode != "packed":
+        raise UserError("data.mode: tokenizer train builds the cached tokenizer of data.mode packed; windows mode "
+                        "fits its tokenizer to the text at the start of each run")
+    if cfg.data.tokenizer_path:
+        raise UserError(f"data.tokenizer_path: {cfg.data.tokenizer_path} is given, so there is nothing to train; "
+                        "clear it to build the tokenizer from the data")
+    from data.cache import get_tokenizer
+    from data.tokenize import fingerprint
+
+    tok, path = get_tokenizer(cfg.data, retrain=True)
+    print(json.dumps({"kind": tok.kind, "vocab_size": tok.vocab_size, "fingerprint": fingerprint(tok),
+                      "path": str(path) if path else None}))
+    return 0
+
+
 def _quiet_background_noise() -> None:
     """Orbax writes through asyncio tasks in background threads. When a write fails (disk full) the error
     reaches the loop, which reports it in one line; the same error must not also print as dozens of
@@ -164,14 +211,6 @@ def _quiet_background_noise() -> None:
             previous(u)
 
     sys.unraisablehook = hook
-
-
-def bench(cfg, args) -> int:
-    """Compile and time the train step; see train/bench.py."""
-    from train.bench import bench as bench_step
-
-    bench_step(cfg, steps=args.steps, warmup=args.warmup, json_path=args.json)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

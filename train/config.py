@@ -122,7 +122,39 @@ def parse_value(key: str, raw: Any, tp: Any) -> Any:
             raise UserError(f"--{key}: expects a number, got {raw!r}") from None
     if tp is str:
         return str(raw)
+    if typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+        return parse_records(key, raw, typing.get_args(tp)[0])
     raise UserError(f"--{key}: cannot be set from the command line")
+
+
+def parse_records(key: str, raw: Any, cls: type) -> tuple:
+    """A tuple of small dataclasses (e.g. data.sources) from JSON: a list of objects, on the command line as text."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--{key}: expects a JSON list of objects, e.g. '[{{\"path\": \"a.txt\"}}]' ({e.msg})") \
+                from None
+    if isinstance(raw, dict) or not isinstance(raw, (list, tuple)):
+        raise UserError(f"--{key}: expects a JSON list of objects, got {type(raw).__name__}")
+    types_ = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    items = []
+    for i, rec in enumerate(raw):
+        if isinstance(rec, cls):
+            items.append(rec)
+            continue
+        if not isinstance(rec, dict):
+            raise UserError(f"--{key}[{i}]: expects an object with keys {', '.join(names)}")
+        unknown = sorted(set(rec) - set(names))
+        if unknown:
+            raise UserError(f"--{key}[{i}]: unknown key {unknown[0]!r}; allowed: {', '.join(names)}")
+        fields = {k: parse_value(f"{key}[{i}].{k}", v, types_[k]) for k, v in rec.items()}
+        try:
+            items.append(cls(**fields))
+        except TypeError as e:
+            raise UserError(f"--{key}[{i}]: {e}") from None
+    return tuple(items)
 
 
 def field_types(section: Any) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from train.preemption import PreemptionGuard
 from train.setup import Setup, build, check_resumable
 from train.state import abstract_state, count_params, init_state
 from train.step import make_eval_step, make_train_step
+from train.task_eval import TaskEvaluator
 from train.workdir import RunLock, archive_run, ensure_writable, is_storage_failure, storage_error
 
 
@@ -45,6 +46,7 @@ def evaluate(setup: Setup, params, eval_step, max_batches: int = 0) -> float:
     sums = []
     for host_batch in setup.data.eval_batches(batch_size, rows, max_batches):
         sums.append(eval_step(params, to_global(host_batch, bs, batch_size)))
+        throttle(sums)
     loss, weight = (float(sum(x)) for x in zip(*jax.device_get(sums)))
     return loss / max(weight, 1.0)
 
@@ -62,6 +64,18 @@ def window_metrics(fetched: list[dict]) -> dict[str, float]:
         else:
             out.update({f"{key}_{i}": float(v) for i, v in enumerate(mean.ravel())})
     return out
+
+
+# How many dispatched steps may run ahead of the host. XLA's CPU runtime deadlocks in a collective when dozens of
+# multi-device programs are queued (seen here with 2 virtual devices: ~50 queued calls hang, 16 never did), and
+# nothing is gained beyond a few: the next batch only needs to be ready when the device is.
+MAX_IN_FLIGHT = 4
+
+
+def throttle(outputs: list) -> None:
+    """Wait for the call MAX_IN_FLIGHT places back, so at most that many are queued on the devices."""
+    if len(outputs) > MAX_IN_FLIGHT:
+        jax.block_until_ready(outputs[-MAX_IN_FLIGHT - 1])
 
 
 def any_process(flag: bool) -> bool:
@@ -120,6 +134,7 @@ def _train(setup: Setup, workdir: Path, resuming: bool) -> dict:
         if resuming:
             target = abstract_state(setup.tx, setup.mdef, setup.shardings)
             state, _extra, _ = ckpt.restore_latest_valid(target, warn=lambda m: say(f"meshforge: warning: {m}"))
+            setup.data.restore(_extra.get("data") or {})  # the loader continues from the saved position
         else:
             state = init_state(setup.tx, setup.mdef, setup.shardings, tc.seed)
         start = int(jax.device_get(state["step"]))
@@ -155,6 +170,10 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
                  f"{'resuming at step ' + str(start) if resuming else 'new run'} | workdir {workdir}")
     progress.log("config: " + json.dumps(cfg.to_dict(), separators=(",", ":")))
 
+    # Synthetic tasks in the data: exact match of greedy samples on held-out problems, at every eval.
+    task_eval = TaskEvaluator(setup) if setup.data.tasks and cfg.model.causal else None
+    task_scores: dict = {}
+
     rows = process_rows(setup.batch_sharding, tc.batch_size)
 
     def batch(step: int) -> dict:
@@ -183,21 +202,15 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
     preempted = False
     last_save_t = window_t0 = time.perf_counter()
     multi = jax.process_count() > 1
-    previous = None
     for step in range(start, tc.steps):
         state, m = compiled(state, next_batch)
         faults.after_dispatch(step + 1, ckpt.wait)
         pending.append(m)
+        throttle(pending)
         done = step + 1
         log_now = done % tc.log_every == 0 or done == tc.steps
         if done < tc.steps:
             next_batch = batch(done)  # built while the device runs the step just dispatched
-        # At most two steps in flight. With many multi-device steps queued, XLA's CPU runtime (jax 0.10.2) can
-        # deadlock in a collective on a loaded machine (the rendezvous times out and aborts the process);
-        # waiting for the step before the one just dispatched keeps the device just as busy.
-        if previous is not None:
-            jax.block_until_ready(previous)
-        previous = m
         # Cross-host decisions are taken at log steps only, where the hosts synchronise anyway.
         decide = log_now or not multi
         stop = decide and any_process(preemption.requested)
@@ -231,8 +244,10 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
         evaluated = False
         if ((tc.eval_every and done % tc.eval_every == 0) or done == tc.steps) and not stop:
             val_loss = evaluate(setup, state["params"], eval_step, tc.eval_batches)
-            metrics.write(done, {"val_loss": val_loss})
-            progress.log(f"eval at step {done}: val_loss {val_loss:.4f}")
+            task_scores = task_eval(state["params"]) if task_eval is not None else {}
+            metrics.write(done, {"val_loss": val_loss, **task_scores})
+            progress.log(f"eval at step {done}: val_loss {val_loss:.4f}"
+                         + "".join(f", {k} {v:.4f}" for k, v in task_scores.items()))
             evaluated = True
         if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps or stop or timed_save:
             save(done)
@@ -266,6 +281,7 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
                          peak, jax.device_count()), 4) if peak and step_ms else None,
         "final_loss": last.get("loss"),
         "final_val_loss": val_loss,
+        **{f"final_{k}": v for k, v in task_scores.items()},
         "skipped_steps": last.get("skipped_steps", 0),
         "devices": jax.device_count(),
         "processes": jax.process_count(),
@@ -290,6 +306,11 @@ def restore_for_inference(cfg: Config, workdir: Path, step: int | None = None):
     if step not in steps:
         raise UserError(f"--step {step}: no such checkpoint in {workdir}; available: {', '.join(map(str, steps))}")
     with activate(setup.mesh):
-        state, _ = ckpt.restore(step, abstract_state(setup.tx, setup.mdef, setup.shardings))
-    ckpt.close()
+        try:
+            state, _ = ckpt.restore_quietly(step, abstract_state(setup.tx, setup.mdef, setup.shardings))
+        except Exception as e:  # noqa: BLE001 - unreadable or made by another config: one line, not a traceback
+            raise UserError(f"checkpoint {step} in {workdir} cannot be restored ({e}); it is damaged or was "
+                            "written by an incompatible version or config") from None
+        finally:
+            ckpt.close()
     return setup, state["params"], step

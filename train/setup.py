@@ -59,7 +59,17 @@ def check_batch(cfg: Config, mesh: Mesh) -> None:
                         f"use a multiple of {per_step}")
 
 
+def check_objective(cfg: Config) -> None:
+    """A masked-LM objective needs a bidirectional model; next-token objectives need a causal one."""
+    masked = cfg.data.objective == "masked"
+    if masked == cfg.model.causal:
+        fix = "a masked LM predicts each token from both sides" if masked else "it predicts each token from the left"
+        raise UserError(f"model.causal: data.objective {cfg.data.objective!r} needs model.causal "
+                        f"{str(not masked).lower()} ({fix}); set --model.causal {str(not masked).lower()}")
+
+
 def build(cfg: Config, workdir: Path | None = None) -> Setup:
+    check_objective(cfg)
     mesh = make_mesh(cfg.mesh)
     check_batch(cfg, mesh)
     tc = cfg.train

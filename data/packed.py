@@ -1,0 +1,219 @@
+"""The packed pipeline: sources -> cached packed rows (or generated task rows) -> mixture order -> objective.
+
+Sample position p of the run (step * batch_size + row, counted from the last restore) decides everything: which
+source (MixtureSchedule), which row of it (a per-epoch permutation), and the objective's random choices. A host
+builds only the positions of its own rows, a background thread builds the next few steps ahead, and the state
+saved with a checkpoint is the position reached, so a resumed run (even with another batch size) continues the
+same sample stream without replaying it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+
+import numpy as np
+
+from data.cache import cache_root, check_seq_len, get_tokenizer, log, packed_rows
+from data.config import DataConfig, SourceConfig
+from data.loader import Batch, MixtureSchedule, Prefetcher, permute
+from data.objectives import SPLIT_IDS, Objective, Windows
+from data.sources import source_kind
+from data.synthetic import Task, make_task, task_salt
+from data.tokenize import Tokenizer, fingerprint
+from parallel.errors import UserError
+
+VAL_POSITION_BASE = 1 << 40  # validation windows key their random choices apart from training positions
+
+
+class CorpusSource:
+    """A file or generator source: cached rows of pack_len + 1 tokens, each cut into pack_len // seq_len windows."""
+
+    def __init__(self, key: str, src: SourceConfig, index: int, cfg: DataConfig, tokenizer: Tokenizer,
+                 seq_len: int, seed: int):
+        pack_len = cfg.pack_len or seq_len
+        self.train, self.val, self.meta = packed_rows(key, src, tokenizer, pack_len, cfg.val_fraction,
+                                                      cache_root(cfg))
+        self.key, self.path, self.weight, self.seq_len = key, src.path, src.weight, seq_len
+        self.per_row = pack_len // seq_len
+        self.n_train = self.train.n_rows * self.per_row
+        self.n_val = self.val.n_rows * self.per_row
+        self.shuffle, self.seed, self.index = cfg.shuffle, seed, index
+
+    def _windows(self, store, q: np.ndarray) -> Windows:
+        tokens, segments = store.gather(q // self.per_row, (q % self.per_row) * self.seq_len, self.seq_len + 1)
+        return Windows(tokens, segments, np.ones(tokens.shape, bool))
+
+    def train_windows(self, index: np.ndarray) -> Windows:
+        """The index-th window of this source's endless stream: epoch index // n, a fresh permutation per epoch."""
+        epoch, q = np.divmod(index, self.n_train)
+        if self.shuffle:
+            for e in np.unique(epoch):
+                at = epoch == e
+                q[at] = permute(q[at], self.n_train, self.seed, self.index, int(e))
+        return self._windows(self.train, q)
+
+    def val_windows(self, index: np.ndarray) -> Windows:
+        return self._windows(self.val, index)
+
+
+def check_task_fits(key: str, task: Task, seq_len: int) -> None:
+    longest = task.max_chars + 1  # ASCII: never more tokens than characters, plus <eos>
+    if longest > seq_len:  # (seq_len, not + 1: a sampled answer must stay inside the model's positions)
+        raise UserError(f"train.seq_len: {seq_len} is shorter than the longest {task.name} problem "
+                        f"({longest} tokens) of {key}.path; raise train.seq_len")
+
+
+class TaskSource:
+    """A synthetic task: row i packs `per_row` problems drawn from a generator seeded by (seed, task, split, i)."""
+
+    def __init__(self, key: str, src: SourceConfig, cfg: DataConfig, tokenizer: Tokenizer, seq_len: int, seed: int):
+        self.task: Task = make_task(key, src.path)
+        self.key, self.path, self.weight, self.seq_len = key, src.path, src.weight, seq_len
+        check_task_fits(key, self.task, seq_len)
+        self.per_row = (seq_len + 1) // (self.task.max_chars + 1)
+        self.tokenizer, self.seed, self.salt = tokenizer, seed, task_salt(self.task)
+        self.loss_on_prompt = cfg.loss_on_prompt
+        self.pad, self.eos = tokenizer.special_id("<pad>"), tokenizer.special_id("<eos>")
+        self.n_train, self.n_val = None, cfg.synthetic_val_rows
+
+    def _windows(self, index: np.ndarray, split: str) -> Windows:
+        prompts, answers = [], []
+        for i in index:
+            rng = np.random.default_rng([self.seed, self.salt, SPLIT_IDS[split], int(i)])
+            for _ in range(self.per_row):
+                p, a = self.task.sample(rng, split)
+                prompts.append(p)
+                answers.append(a)
+        p_ids, a_ids = self.tokenizer.encode_batch(prompts), self.tokenizer.encode_batch(answers)
+        shape = (len(index), self.seq_len + 1)
+        tokens, segments, loss = np.full(shape, self.pad, np.int32), np.zeros(shape, np.int32), np.zeros(shape, bool)
+        filled = np.zeros(len(index), np.int64)
+        for e, (p, a) in enumerate(zip(p_ids, a_ids)):
+            r, j = divmod(e, self.per_row)
+            at = filled[r]
+            filled[r] = end = at + len(p) + len(a) + 1
+            tokens[r, at:end] = np.concatenate([p, a, [self.eos]])
+            segments[r, at:end] = j + 1
+            loss[r, at if self.loss_on_prompt else at + len(p):end] = True
+        return Windows(tokens, segments, loss)
+
+    def train_windows(self, index: np.ndarray) -> Windows:
+        return self._windows(index, "train")
+
+    def val_windows(self, index: np.ndarray) -> Windows:
+        return self._windows(index, "val")
+
+
+def _concat(parts: list[tuple[np.ndarray, Windows]], n: int, length: int) -> Windows:
+    out = Windows(np.zeros((n, length), np.int32), np.zeros((n, length), np.int32), np.zeros((n, length), bool))
+    for at, w in parts:
+        out.tokens[at], out.segment_ids[at], out.loss_mask[at] = w.tokens, w.segment_ids, w.loss_mask
+    return out
+
+
+class PackedPipeline:
+    def __init__(self, cfg: DataConfig, batch_size: int, seq_len: int, seed: int, tokenizer: Tokenizer | None = None):
+        if cfg.objective == "span" and seq_len < 8:
+            raise UserError(f"train.seq_len: span corruption needs at least 8 tokens per row, got {seq_len}")
+        self.cfg, self.batch_size, self.seq_len, self.seed = cfg, batch_size, seq_len, seed
+        for key, src in cfg.source_list():  # cheap checks first: nothing is fitted or cached for a bad config
+            if source_kind(src.path) == "synthetic":
+                check_task_fits(key, make_task(key, src.path), seq_len)
+            else:
+                check_seq_len(seq_len, cfg.pack_len or seq_len)
+        self.tokenizer_file = None
+        if tokenizer is None:
+            tokenizer, self.tokenizer_file = get_tokenizer(cfg)
+        self.tokenizer = tokenizer
+        self.sources: list[CorpusSource | TaskSource] = []
+        for i, (key, src) in enumerate(cfg.source_list()):
+            if source_kind(src.path) == "synthetic":
+                self.sources.append(TaskSource(key, src, cfg, tokenizer, seq_len, seed))
+            else:
+                self.sources.append(CorpusSource(key, src, i, cfg, tokenizer, seq_len, seed))
+        self.tasks: list[Task] = [s.task for s in self.sources if isinstance(s, TaskSource)]
+        self.schedule = MixtureSchedule([s.weight for s in self.sources], seed)
+        self.objective = Objective(cfg.objective, tokenizer, seq_len, seed, cfg.mask_rate, cfg.span_mean)
+        self.fingerprint = hashlib.sha256(json.dumps(
+            [[s.path for s in self.sources], [getattr(s, "meta", {}).get("settings") for s in self.sources],
+             [s.weight for s in self.sources], fingerprint(tokenizer), cfg.objective, seq_len, seed],
+            sort_keys=True).encode()).hexdigest()[:16]
+        self.base_step, self.base_position = 0, 0
+        self._prefetchers: dict[bytes, Prefetcher] = {}
+
+    # --- training batches ---
+
+    def position(self, step: int) -> int:
+        """Samples drawn before this step (the loader's place in its endless stream)."""
+        return self.base_position + (step - self.base_step) * self.batch_size
+
+    def batch_at(self, positions: np.ndarray) -> Batch:
+        """The training batch of these sample positions (a pure function of the positions)."""
+        positions = np.asarray(positions, np.int64)
+        source, index = self.schedule.locate(positions)
+        parts = [(at, self.sources[k].train_windows(index[at]))
+                 for k in np.unique(source) for at in [np.flatnonzero(source == k)]]
+        windows = parts[0][1] if len(parts) == 1 else _concat(parts, len(positions), self.seq_len + 1)
+        return self.objective(windows, positions, "train")
+
+    def host_batch(self, step: int, rows: np.ndarray) -> Batch:
+        return self.batch_at(self.position(step) + np.asarray(rows, np.int64))
+
+    def train_batch(self, step: int, rows: np.ndarray) -> Batch:
+        rows = np.asarray(rows, np.int64)
+        key = rows.tobytes()
+        if key not in self._prefetchers:
+            self._prefetchers[key] = Prefetcher(lambda s, rows=rows: self.host_batch(s, rows), self.cfg.prefetch)
+        return self._prefetchers[key].get(step)
+
+    # --- evaluation ---
+
+    def eval_batches(self, batch_size: int, rows: np.ndarray, max_batches: int = 0) -> Iterator[Batch]:
+        """Every validation window of every source once, in order; the last batch's missing rows weigh 0."""
+        sizes = np.array([s.n_val for s in self.sources], np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        total = int(starts[-1])
+        n_batches = -(-total // batch_size)
+        if max_batches > 0:
+            n_batches = min(n_batches, max_batches)
+        rows = np.asarray(rows, np.int64)
+        for b in range(n_batches):
+            g = b * batch_size + rows
+            live = g < total
+            g = np.where(live, g, 0)
+            source = np.searchsorted(starts, g, side="right") - 1
+            parts = [(at, self.sources[k].val_windows(g[at] - starts[k]))
+                     for k in np.unique(source) for at in [np.flatnonzero(source == k)]]
+            windows = _concat(parts, len(g), self.seq_len + 1)
+            batch = self.objective(windows, VAL_POSITION_BASE + g, "val")
+            batch["weights"] = batch["weights"] * live[:, None]
+            yield batch
+
+    # --- checkpointed state ---
+
+    def state(self, step: int) -> dict:
+        position = self.position(step)
+        finite = [s for s in self.sources if s.n_train]
+        state = {"step": step, "position": position, "batch_size": self.batch_size, "seed": self.seed,
+                 "fingerprint": self.fingerprint}
+        if len(self.sources) == 1 and finite:
+            state["epoch"] = position // finite[0].n_train
+        return state
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint's state: the next step reads from the position it reached."""
+        if not state or "position" not in state:
+            return
+        for p in self._prefetchers.values():
+            p.close()
+        self._prefetchers.clear()
+        self.base_step, self.base_position = int(state["step"]), int(state["position"])
+        if state.get("fingerprint") != self.fingerprint:
+            log("the data (sources, tokenizer, objective, seq_len or seed) changed since this checkpoint; "
+                f"continuing at sample {self.base_position} of the new data")
+
+    def close(self) -> None:
+        for p in self._prefetchers.values():
+            p.close()
+        self._prefetchers.clear()
