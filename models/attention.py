@@ -28,14 +28,15 @@ def apply_rope(x_BTNH: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array) -> jax
     return out.astype(x_BTNH.dtype)
 
 
-def attention_mask(segment_ids_BT: jax.Array | None, length: int, causal: bool = True) -> jax.Array:
-    """Boolean (B|1, 1, T, T) mask: causal (or all-to-all), and within one document when segment ids are given."""
-    ones_TT = jnp.ones((length, length), dtype=jnp.bool_)
-    allowed_TT = jnp.tril(ones_TT) if causal else ones_TT
+def segment_mask(segment_ids_BT: jax.Array | None) -> jax.Array | None:
+    """Boolean (B, 1, T, T) mask keeping attention inside each packed document; None for unpacked rows.
+
+    Causality is not in this mask: a causal model passes `is_causal=True`, which cuDNN turns into its fast causal
+    kernel (it skips the masked half) and XLA into the triangular mask.
+    """
     if segment_ids_BT is None:
-        return allowed_TT[None, None]
-    same_doc_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    return (same_doc_BTT & allowed_TT[None])[:, None]
+        return None
+    return (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
 
 
 class Attention(nnx.Module):
@@ -50,25 +51,29 @@ class Attention(nnx.Module):
         out_std: float,
         implementation: Literal["xla", "cudnn"] | None,
         dtype: jnp.dtype,
+        param_dtype: jnp.dtype = jnp.float32,
+        causal: bool = True,
         rngs: nnx.Rngs,
     ):
         head_dim = d_model // n_heads
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.implementation, self.dtype = implementation, dtype
+        self.implementation, self.dtype, self.causal = implementation, dtype, causal
         init = jax.nn.initializers.normal(init_std)
-        self.wq_DNH = param(rngs, init, (d_model, n_heads, head_dim), ("embed", "heads", "head_dim"))
+        pd = param_dtype
+        self.wq_DNH = param(rngs, init, (d_model, n_heads, head_dim), ("embed", "heads", "head_dim"), pd)
         # k and v share one matmul: fewer, larger ops are faster on every backend.
-        self.wkv_D2KH = param(rngs, init, (d_model, 2, n_kv_heads, head_dim), ("embed", None, "kv_heads", "head_dim"))
+        self.wkv_D2KH = param(rngs, init, (d_model, 2, n_kv_heads, head_dim), ("embed", None, "kv_heads", "head_dim"),
+                              pd)
         self.wo_NHD = param(rngs, jax.nn.initializers.normal(out_std), (n_heads, head_dim, d_model),
-                            ("heads", "head_dim", "embed"))
+                            ("heads", "head_dim", "embed"), pd)
         self.use_bias = use_bias
         if use_bias:
             zeros = jax.nn.initializers.zeros
-            self.bq_NH = param(rngs, zeros, (n_heads, head_dim), ("heads", "head_dim"))
-            self.bkv_2KH = param(rngs, zeros, (2, n_kv_heads, head_dim), (None, "kv_heads", "head_dim"))
-            self.bo_D = param(rngs, zeros, (d_model,), ("embed",))
+            self.bq_NH = param(rngs, zeros, (n_heads, head_dim), ("heads", "head_dim"), pd)
+            self.bkv_2KH = param(rngs, zeros, (2, n_kv_heads, head_dim), (None, "kv_heads", "head_dim"), pd)
+            self.bo_D = param(rngs, zeros, (d_model,), ("embed",), pd)
 
-    def __call__(self, x_BTD: jax.Array, mask: jax.Array, rope: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array, mask: jax.Array | None, rope: tuple[jax.Array, jax.Array] | None) -> jax.Array:
         dt = self.dtype
         x_BTD = x_BTD.astype(dt)
         q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, self.wq_DNH[...].astype(dt))
@@ -81,7 +86,8 @@ class Attention(nnx.Module):
             q_BTNH, k_BTKH = apply_rope(q_BTNH, *rope), apply_rope(k_BTKH, *rope)
         q_BTNH = constrain(q_BTNH, ("batch", "length", "act_heads", "head_dim"))
         k_BTKH = constrain(k_BTKH, ("batch", "length", "act_kv_heads", "head_dim"))
-        out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask, implementation=self.implementation)
+        out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask, is_causal=self.causal,
+                                                implementation=self.implementation)
         out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, self.wo_NHD[...].astype(dt))
         if self.use_bias:
             out_BTD = out_BTD + self.bo_D[...].astype(dt)

@@ -22,17 +22,19 @@ class MLP(nnx.Module):
         init_std: float,
         out_std: float,
         dtype: jnp.dtype,
+        param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         self.kind, self.gelu_approximate, self.use_bias, self.dtype = kind, gelu_approximate, use_bias, dtype
         init = jax.nn.initializers.normal(init_std)
         # SwiGLU's gate and up projections are one matmul with a leading axis of 2.
         n_in = 2 if kind == "swiglu" else 1
-        self.wi_DCF = param(rngs, init, (d_model, n_in, d_ff), ("embed", None, "mlp"))
-        self.wo_FD = param(rngs, jax.nn.initializers.normal(out_std), (d_ff, d_model), ("mlp", "embed"))
+        pd = param_dtype
+        self.wi_DCF = param(rngs, init, (d_model, n_in, d_ff), ("embed", None, "mlp"), pd)
+        self.wo_FD = param(rngs, jax.nn.initializers.normal(out_std), (d_ff, d_model), ("mlp", "embed"), pd)
         if use_bias:
-            self.bi_CF = param(rngs, jax.nn.initializers.zeros, (n_in, d_ff), (None, "mlp"))
-            self.bo_D = param(rngs, jax.nn.initializers.zeros, (d_model,), ("embed",))
+            self.bi_CF = param(rngs, jax.nn.initializers.zeros, (n_in, d_ff), (None, "mlp"), pd)
+            self.bo_D = param(rngs, jax.nn.initializers.zeros, (d_model,), ("embed",), pd)
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         dt = self.dtype

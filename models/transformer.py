@@ -12,18 +12,24 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from models.attention import Attention, attention_mask, rope_tables
+from models.attention import Attention, rope_tables, segment_mask
 from models.axes import constrain, param
 from models.mlp import MLP
+from models.moe import MoEMLP
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# What the backward pass may keep from the forward pass of each layer; the rest is recomputed (jax.checkpoint).
 REMAT_POLICIES = {
-    "none": None,
-    # Keep only each block's input; everything inside a block is recomputed in the backward pass.
+    "none": None,  # keep everything: fastest, most memory
+    # Keep matmul outputs, recompute the cheap elementwise work (norms, activations, softmax, rotary).
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep only the residual stream where it enters the attention block and the MLP block of each layer.
+    "save_block_inputs": jax.checkpoint_policies.save_only_these_names("block_input"),
+    # Keep nothing inside a layer: only its input (the scan carry) survives; the layer is recomputed.
     "full": jax.checkpoint_policies.nothing_saveable,
-    # Keep matmul outputs, recompute the cheap elementwise work (norms, activations, softmax).
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # old name of save_dots
 }
 
 
@@ -46,10 +52,22 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     scan_layers: bool = False  # nnx.scan over layers: compile time stays flat as depth grows
-    remat: Literal["none", "full", "dots"] = "none"
-    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters are always float32
+    remat: Literal["none", "save_dots", "save_block_inputs", "full", "dots"] = "none"  # see REMAT_POLICIES
+    # Precision policy: parameters (and so gradients and the optimizer update) in param_dtype, matmuls and
+    # activations in dtype; norms' statistics, router, logits and the loss are always float32.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
     attention_impl: Literal["xla", "cudnn", "auto"] = "xla"
     causal: bool = True  # False: bidirectional attention (masked-LM encoders); segments still separate documents
+    # Mixture of experts: with moe_experts > 0 the MLP of every moe_every-th layer (the last of each group of
+    # moe_every) is a sparse MoE block of moe_experts experts, each token going to its moe_top_k best.
+    moe_experts: int = 0
+    moe_every: int = 1
+    moe_top_k: int = 2
+    moe_capacity_factor: float = 1.25  # slots per expert = ceil(top_k * tokens * factor / experts); <= 0: dropless
+    moe_d_ff: int = 0  # hidden width of each expert; 0: the dense MLP's width
+    moe_lb_weight: float = 0.01  # load-balancing loss weight (Switch Transformer), per MoE layer
+    moe_z_weight: float = 0.001  # router z-loss weight (ST-MoE), per MoE layer
 
     def __post_init__(self):
         kv = self.n_kv_heads or self.n_heads
@@ -64,6 +82,15 @@ class ModelConfig:
         for name in ("d_model", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.moe_experts < 0 or self.moe_every < 1:
+            raise ValueError("model.moe_experts must be >= 0 and model.moe_every >= 1")
+        if self.moe_experts:
+            if not 1 <= self.moe_top_k <= self.moe_experts:
+                raise ValueError(f"model.moe_top_k must be in [1, model.moe_experts={self.moe_experts}], "
+                                 f"got {self.moe_top_k}")
+            if self.n_layers % self.moe_every:
+                raise ValueError(f"model.n_layers ({self.n_layers}) must be a multiple of model.moe_every "
+                                 f"({self.moe_every})")
 
     @property
     def kv_heads(self) -> int:
@@ -77,13 +104,24 @@ class ModelConfig:
             return 8 * math.ceil(8 * self.d_model / 3 / 8)
         return 4 * self.d_model
 
+    @property
+    def expert_ff_dim(self) -> int:
+        return self.moe_d_ff or self.ff_dim
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe_experts > 0 and (i + 1) % self.moe_every == 0
+
+    @property
+    def n_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
+
 
 class Norm(nnx.Module):
-    def __init__(self, dim: int, kind: str, rngs: nnx.Rngs):
+    def __init__(self, dim: int, kind: str, rngs: nnx.Rngs, param_dtype=jnp.float32):
         self.kind = kind
-        self.scale_D = param(rngs, jax.nn.initializers.ones, (dim,), ("embed",))
+        self.scale_D = param(rngs, jax.nn.initializers.ones, (dim,), ("embed",), param_dtype)
         if kind == "layernorm":
-            self.bias_D = param(rngs, jax.nn.initializers.zeros, (dim,), ("embed",))
+            self.bias_D = param(rngs, jax.nn.initializers.zeros, (dim,), ("embed",), param_dtype)
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         x = x_BTD.astype(jnp.float32)  # statistics in float32 whatever the compute dtype
@@ -103,23 +141,72 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    """Pre-norm attention block then MLP block, each added to the residual stream. Returns the new stream and
+    the MoE routing statistics of this layer ({} for a dense MLP)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, moe: bool = False):
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2: residual writes shrink with depth
-        dtype = DTYPES[cfg.dtype]
+        dtype, pd = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
         self.dropout = cfg.dropout
-        self.attn_norm = Norm(cfg.d_model, cfg.norm, rngs)
+        self.attn_norm = Norm(cfg.d_model, cfg.norm, rngs, pd)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, use_bias=cfg.use_bias, init_std=cfg.init_std,
-                              out_std=out_std, implementation=impl, dtype=dtype, rngs=rngs)
-        self.mlp_norm = Norm(cfg.d_model, cfg.norm, rngs)
-        self.mlp = MLP(cfg.d_model, cfg.ff_dim, kind=cfg.mlp, gelu_approximate=cfg.gelu_approximate,
-                       use_bias=cfg.use_bias, init_std=cfg.init_std, out_std=out_std, dtype=dtype, rngs=rngs)
+                              out_std=out_std, implementation=impl, dtype=dtype, param_dtype=pd, causal=cfg.causal,
+                              rngs=rngs)
+        self.mlp_norm = Norm(cfg.d_model, cfg.norm, rngs, pd)
+        if moe:
+            self.mlp = MoEMLP(cfg.d_model, cfg.expert_ff_dim, cfg.moe_experts, top_k=cfg.moe_top_k,
+                              capacity_factor=cfg.moe_capacity_factor, kind=cfg.mlp,
+                              gelu_approximate=cfg.gelu_approximate, init_std=cfg.init_std, out_std=out_std,
+                              dtype=dtype, param_dtype=pd, rngs=rngs)
+        else:
+            self.mlp = MLP(cfg.d_model, cfg.ff_dim, kind=cfg.mlp, gelu_approximate=cfg.gelu_approximate,
+                           use_bias=cfg.use_bias, init_std=cfg.init_std, out_std=out_std, dtype=dtype,
+                           param_dtype=pd, rngs=rngs)
 
     def __call__(self, x_BTD, mask, rope, key: jax.Array | None):
         k1, k2 = jax.random.split(key) if key is not None else (None, None)
+        x_BTD = checkpoint_name(x_BTD, "block_input")
         x_BTD = x_BTD + dropout(self.attn(self.attn_norm(x_BTD), mask, rope), self.dropout, k1)
-        x_BTD = x_BTD + dropout(self.mlp(self.mlp_norm(x_BTD)), self.dropout, k2)
-        return constrain(x_BTD, ("batch", "length", "act_embed"))
+        x_BTD = checkpoint_name(x_BTD, "block_input")
+        if isinstance(self.mlp, MoEMLP):
+            y_BTD, stats = self.mlp(self.mlp_norm(x_BTD))
+        else:
+            y_BTD, stats = self.mlp(self.mlp_norm(x_BTD)), {}
+        x_BTD = x_BTD + dropout(y_BTD, self.dropout, k2)
+        return constrain(x_BTD, ("batch", "length", "act_embed")), stats
+
+
+class LayerGroup(nnx.Module):
+    """moe_every consecutive layers, the last with an MoE block: the repeating unit that nnx.scan stacks when
+    dense and MoE layers alternate (a scan needs every step to have the same parameters)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.layers = nnx.List([Block(cfg, rngs, moe=j == cfg.moe_every - 1) for j in range(cfg.moe_every)])
+
+    def __call__(self, x_BTD, mask, rope, key: jax.Array | None):
+        keys = jax.random.split(key, len(self.layers)) if key is not None else [None] * len(self.layers)
+        stats = {}
+        for layer, k in zip(self.layers, keys):
+            x_BTD, s = layer(x_BTD, mask, rope, k)
+            stats = s or stats
+        return x_BTD, stats
+
+
+def scan_units(cfg: ModelConfig) -> int:
+    """Steps of the layer scan: one per layer, or one per LayerGroup when dense and MoE layers alternate."""
+    return cfg.n_layers // cfg.moe_every if cfg.moe_experts > 0 and cfg.moe_every > 1 else cfg.n_layers
+
+
+def moe_aux(cfg: ModelConfig, stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The MoE layers' statistics (stacked over MoE layers) as means for the step metrics, and `aux_loss`: the
+    weighted auxiliary losses that the train step adds to the language-model loss (summed over MoE layers, as
+    Switch and ST-MoE do)."""
+    if not stacked:
+        return {}
+    aux = {k: v.mean(0) for k, v in stacked.items()}
+    aux["aux_loss"] = cfg.moe_lb_weight * stacked["moe_lb_loss"].sum() + cfg.moe_z_weight * stacked["moe_z_loss"].sum()
+    return aux
 
 
 class Transformer(nnx.Module):
@@ -128,21 +215,25 @@ class Transformer(nnx.Module):
             raise ValueError("model.vocab_size must be set (the run builder fills it from the tokenizer)")
         self.cfg = cfg
         init = jax.nn.initializers.normal(cfg.init_std)
-        self.embed_VD = param(rngs, init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
+        pd = DTYPES[cfg.param_dtype]
+        self.embed_VD = param(rngs, init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pd)
         if cfg.positions == "learned":
-            self.pos_TD = param(rngs, init, (cfg.max_seq_len, cfg.d_model), ("length", "embed"))
+            self.pos_TD = param(rngs, init, (cfg.max_seq_len, cfg.d_model), ("length", "embed"), pd)
         if cfg.scan_layers:
-            @nnx.split_rngs(splits=cfg.n_layers)
+            # One stacked unit per scan step: a Block, or a LayerGroup when dense and MoE layers alternate.
+            grouped = cfg.moe_experts > 0 and cfg.moe_every > 1
+
+            @nnx.split_rngs(splits=scan_units(cfg))
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make_blocks(rngs):
-                return Block(cfg, rngs)
+                return LayerGroup(cfg, rngs) if grouped else Block(cfg, rngs, moe=cfg.moe_experts > 0)
 
             self.blocks = make_blocks(rngs)
         else:
-            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
-        self.final_norm = Norm(cfg.d_model, cfg.norm, rngs)
+            self.blocks = nnx.List([Block(cfg, rngs, moe=cfg.is_moe_layer(i)) for i in range(cfg.n_layers)])
+        self.final_norm = Norm(cfg.d_model, cfg.norm, rngs, pd)
         if not cfg.tie_embeddings:
-            self.head_DV = param(rngs, init, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+            self.head_DV = param(rngs, init, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pd)
 
     def __call__(
         self,
@@ -151,8 +242,13 @@ class Transformer(nnx.Module):
         segment_ids_BT: jax.Array | None = None,
         positions_BT: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
-    ) -> jax.Array:
-        """Float32 logits (B, T, V). Segment ids keep attention inside each packed document."""
+        return_aux: bool = False,
+    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+        """Float32 logits (B, T, V). Segment ids keep attention inside each packed document.
+
+        With return_aux, also a dict of MoE statistics and the weighted auxiliary loss `aux_loss` (empty for a
+        dense model); see moe_aux.
+        """
         cfg = self.cfg
         B, T = tokens_BT.shape
         if positions_BT is None:
@@ -168,19 +264,20 @@ class Transformer(nnx.Module):
             x_BTD = dropout(x_BTD, cfg.dropout, k)
         else:
             dropout_key = None
-        mask = attention_mask(segment_ids_BT, T, cfg.causal)
+        mask = segment_mask(segment_ids_BT)
         rope = rope_tables(positions_BT, cfg.d_model // cfg.n_heads, cfg.rope_theta) if cfg.positions == "rope" else None
-        x_BTD = self._blocks(x_BTD, mask, rope, dropout_key)
+        x_BTD, stats = self._blocks(x_BTD, mask, rope, dropout_key)
         x_BTD = self.final_norm(x_BTD)
         head_DV = self.embed_VD[...].T if cfg.tie_embeddings else self.head_DV[...]
         logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV.astype(x_BTD.dtype),
                                 preferred_element_type=jnp.float32)
-        return constrain(logits_BTV, ("batch", "length", "act_vocab"))
+        logits_BTV = constrain(logits_BTV, ("batch", "length", "act_vocab"))
+        return (logits_BTV, moe_aux(cfg, stats)) if return_aux else logits_BTV
 
-    def _blocks(self, x_BTD, mask, rope, dropout_key):
+    def _blocks(self, x_BTD, mask, rope, dropout_key) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Run the layers; returns the residual stream and the MoE layers' statistics stacked ({} if dense)."""
         cfg = self.cfg
         policy = REMAT_POLICIES[cfg.remat]
-        keys = jax.random.split(dropout_key, cfg.n_layers) if dropout_key is not None else None
 
         def run_block(block, x, key):
             return block(x, mask, rope, key)
@@ -188,16 +285,22 @@ class Transformer(nnx.Module):
         if cfg.remat != "none":
             run_block = nnx.remat(run_block, policy=policy)
         if not cfg.scan_layers:
+            keys = jax.random.split(dropout_key, cfg.n_layers) if dropout_key is not None else None
+            stats = []
             for i, block in enumerate(self.blocks):
-                x_BTD = run_block(block, x_BTD, None if keys is None else keys[i])
-            return x_BTD
+                x_BTD, s = run_block(block, x_BTD, None if keys is None else keys[i])
+                stats += [s] if s else []
+            return x_BTD, jax.tree.map(lambda *xs: jnp.stack(xs), *stats) if stats else {}
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry,
+        n_units = scan_units(cfg)
+        keys = jax.random.split(dropout_key, n_units) if dropout_key is not None else None
+
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
                   transform_metadata={nnx.PARTITION_NAME: "layers"})
         def scan_blocks(x, block, key):
             return run_block(block, x, None if keys is None else key)
 
-        layer_keys = keys if keys is not None else jnp.zeros((cfg.n_layers,), jnp.uint32)
+        layer_keys = keys if keys is not None else jnp.zeros((n_units,), jnp.uint32)
         return scan_blocks(x_BTD, self.blocks, layer_keys)
 
 

@@ -32,6 +32,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine/linear end at lr * min_lr_ratio
     clip_norm: float = 1.0  # global-norm clipping; 0 disables
     accum_steps: int = 1  # micro-batches per optimizer step
+    moment_dtype: Literal["float32", "bfloat16"] = "float32"  # storage of the Adam/LAMB moments (math in float32)
 
     def __post_init__(self):
         if self.lr <= 0:
@@ -81,6 +82,26 @@ def decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
     return jax.tree_util.tree_map_with_path(leaf, params)
 
 
+def stored_as(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """`tx` with its floating-point state kept in `dtype` between steps and upcast to float32 for the update.
+
+    Halves optimizer memory with bfloat16 moments while the arithmetic stays float32 (optax's own `mu_dtype`
+    covers only Adam's first moment). The state keeps tx's structure, so shardings still follow the params.
+    """
+
+    def cast(tree, to):
+        return jax.tree.map(lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def init(params):
+        return cast(tx.init(params), dtype)
+
+    def update(updates, state, params=None):
+        updates, state = tx.update(updates, cast(state, jnp.float32), params)
+        return updates, cast(state, dtype)
+
+    return optax.GradientTransformation(init, update)
+
+
 def build_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = make_schedule(cfg, total_steps)
     mask = lambda params: decay_mask(params, cfg.decay_embeddings)  # noqa: E731
@@ -88,6 +109,8 @@ def build_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientT
         core = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
     else:
         core = optax.lamb(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
+    if cfg.moment_dtype != "float32":
+        core = stored_as(core, jnp.dtype(cfg.moment_dtype))
     clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
     # A step whose gradients hold a NaN or Inf leaves parameters and moments untouched; the state counts such
     # steps (`nonfinite_counts`). The training loop decides when too many in a row means stop.

@@ -18,6 +18,11 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    # MoE dispatch: between dispatch and combine, activations are expert-major. Their expert axis moves onto the
+    # expert mesh axis and their group (sequence) axis keeps only the other batch axes; the change of layout
+    # from ('batch', ...) is the all-to-all of expert parallelism.
+    ("act_expert", "expert"),
+    ("expert_group", ("data", "fsdp")),
     # parameters: FSDP shards the model dimension, tensor parallelism the wide dimensions (Megatron layout)
     ("embed", "fsdp"),
     ("vocab", "tensor"),

@@ -35,7 +35,8 @@ def test_train_writes_the_run_files(run_dir):
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [5, 10, 15, 20]
     for r in train_rows:
-        assert {"loss", "grad_norm", "lr", "tokens_per_s", "step_ms"} <= set(r)
+        assert {"loss", "grad_norm", "lr", "tokens_per_s", "step_ms", "mfu"} <= set(r)
+        assert 0 < r["mfu"] < 1
     assert [r["step"] for r in rows if "val_loss" in r] == [10, 20]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 20 and summary["tokens_this_run"] == 20 * 4 * 16

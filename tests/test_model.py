@@ -1,4 +1,4 @@
-"""Transformer behaviour: causality, document masking, scan == loop, remat == no remat, parameter budget."""
+"""Transformer behaviour: causality, document masking, attention, scan == loop, remat == no remat, budget."""
 import dataclasses
 
 import jax
@@ -64,7 +64,7 @@ def test_scan_equals_loop():
     np.testing.assert_allclose(loop(toks), scan(toks), atol=1e-5)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", ["full", "save_dots", "save_block_inputs"])
 def test_remat_keeps_gradients(remat):
     toks = jax.random.randint(jax.random.key(6), (2, 16), 0, 64)
     grads = []
@@ -73,6 +73,43 @@ def test_remat_keeps_gradients(remat):
         grads.append(nnx.grad(lambda m: m(toks).mean())(m))
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_attention_matches_a_plain_softmax_reference():
+    """jax.nn.dot_product_attention (is_causal plus the document mask) equals masked softmax attention by hand,
+    for each selectable implementation that runs here."""
+    from models.attention import segment_mask
+
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 8, 4, 16)) for i in range(3))
+    seg = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 0]])
+    scores = jnp.einsum("btnh,bsnh->bnts", q, k) / 4.0
+    allowed = jnp.tril(jnp.ones((8, 8), bool))[None, None] & segment_mask(seg)
+    ref = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(jnp.where(allowed, scores, -jnp.inf), -1), v)
+    for impl in ("xla", None):  # None is the config's "auto"
+        out = jax.nn.dot_product_attention(q, k, v, mask=segment_mask(seg), is_causal=True, implementation=impl)
+        np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "auto"])
+def test_attention_impl_choice_gives_the_same_model(impl):
+    toks = jax.random.randint(jax.random.key(7), (2, 16), 0, 64)
+    np.testing.assert_allclose(_model(attention_impl=impl)(toks), _model()(toks), atol=1e-6)
+
+
+def test_moe_scan_equals_loop():
+    """Dense and MoE layers alternating (moe_every=2): the scanned LayerGroup stack equals the plain loop."""
+    kw = dict(moe_experts=4, moe_every=2, moe_capacity_factor=0.0, n_layers=4)
+    loop, scan = _model(**kw), _model(scan_layers=True, **kw)
+    loop_state = nnx.to_pure_dict(nnx.state(loop))
+    groups = [{"layers": {0: loop_state["blocks"][2 * g], 1: loop_state["blocks"][2 * g + 1]}} for g in range(2)]
+    scan_state = nnx.state(scan)
+    nnx.replace_by_pure_dict(scan_state, {**loop_state, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *groups)})
+    nnx.update(scan, scan_state)
+    toks = jax.random.randint(jax.random.key(5), (2, 16), 0, 64)
+    (a, aux_a), (b, aux_b) = loop(toks, return_aux=True), scan(toks, return_aux=True)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    for key in aux_a:
+        np.testing.assert_allclose(aux_a[key], aux_b[key], rtol=1e-5, atol=1e-7)
 
 
 def test_dropout_is_active_only_with_a_key():

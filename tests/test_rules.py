@@ -13,6 +13,8 @@ VARIANTS = {
     "learned+untied+bias+swiglu": dict(positions="learned", tie_embeddings=False, use_bias=True, mlp="swiglu"),
     "gqa+scan": dict(n_kv_heads=2, scan_layers=True),
     "layernorm": dict(norm="layernorm"),
+    "moe": dict(moe_experts=4),
+    "moe every 2 + scan": dict(moe_experts=4, moe_every=2, scan_layers=True),
 }
 
 

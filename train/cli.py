@@ -4,6 +4,7 @@
     meshforge eval   [EXPERIMENT] [--workdir DIR] [--step N] [--section.key VALUE ...]
     meshforge sample [EXPERIMENT] [--workdir DIR] [--step N] [--prompt TEXT] [--max-new-tokens N]
                      [--temperature T] [--top-k K] [--num-samples N] [--seed S]
+    meshforge bench  EXPERIMENT [--section.key VALUE ...] [--steps N] [--warmup N] [--json FILE]
     meshforge bench  EXPERIMENT --data-only [--json FILE] [--seconds S] [--section.key VALUE ...]
     meshforge tokenizer train EXPERIMENT [--section.key VALUE ...]
 
@@ -46,7 +47,9 @@ def _parser(verb: str) -> argparse.ArgumentParser:
     elif verb == "bench":
         p.add_argument("--data-only", action="store_true", help="time the data pipeline only")
         p.add_argument("--json", help="also write the results to this JSON file")
-        p.add_argument("--seconds", type=float, default=3.0, help="time each measurement this long")
+        p.add_argument("--seconds", type=float, default=3.0, help="--data-only: time each measurement this long")
+        p.add_argument("--steps", type=int, default=20, help="timed train steps (default 20)")
+        p.add_argument("--warmup", type=int, default=3, help="untimed train steps after compiling (default 3)")
     elif verb in ("eval", "sample"):
         p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     if verb == "sample":
@@ -161,8 +164,12 @@ def run(verb: str, argv: list[str]) -> int:
 
 
 def bench(cfg, args) -> int:
+    """Compile and time the train step (train/bench.py), or with --data-only the input pipeline alone."""
     if not args.data_only:
-        raise UserError("bench: only --data-only is available in this build; add --data-only")
+        from train.bench import bench as bench_step
+
+        bench_step(cfg, steps=args.steps, warmup=args.warmup, json_path=args.json)
+        return 0
     from train.bench_data import bench_data, format_table
 
     result = bench_data(cfg, seconds=args.seconds)

@@ -22,6 +22,7 @@ from optim.chains import nonfinite_counts
 from parallel.errors import UserError
 from parallel.mesh import batch_divisor
 from parallel.rules import activate
+from train.accounting import device_peak, mfu, train_flops_per_token
 from train.checkpoint import Checkpointer, has_checkpoints
 from train.config import Config
 from train.faults import Faults
@@ -48,6 +49,21 @@ def evaluate(setup: Setup, params, eval_step, max_batches: int = 0) -> float:
         throttle(sums)
     loss, weight = (float(sum(x)) for x in zip(*jax.device_get(sums)))
     return loss / max(weight, 1.0)
+
+
+def window_metrics(fetched: list[dict]) -> dict[str, float]:
+    """The step's other metrics (MoE statistics, ...) averaged over the logging window; vectors become one
+    flat key per entry (moe_expert_frac_0, moe_expert_frac_1, ...)."""
+    out = {}
+    for key in fetched[0]:
+        if key in ("loss", "grad_norm", "lr", "tokens", "skipped_steps", "nonfinite_in_a_row"):
+            continue  # logged above, or counted by Health
+        mean = np.mean([np.asarray(x[key], np.float64) for x in fetched], axis=0)
+        if mean.ndim == 0:
+            out[key] = float(mean)
+        else:
+            out.update({f"{key}_{i}": float(v) for i, v in enumerate(mean.ravel())})
+    return out
 
 
 # How many dispatched steps may run ahead of the host. XLA's CPU runtime deadlocks in a collective when dozens of
@@ -169,6 +185,9 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
     compiled = train_step.lower(state, next_batch).compile()
     compile_s = time.perf_counter() - t_start
     progress.log(f"compiled the train step in {compile_s:.1f}s")
+    # MFU as `meshforge bench` computes it (train/accounting.py); on CPU the peak is a ~0.2 s matmul probe.
+    flops_per_token = train_flops_per_token(cfg.model, tc.seq_len)
+    peak, _ = device_peak(cfg.model.dtype)
 
     def save(step: int) -> None:
         ckpt.save(step, state, {"data": setup.data.state(step), "config": cfg.to_dict()})
@@ -213,7 +232,10 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
                 "tokens_per_s": tokens / dt,
                 "skipped_steps": health.skipped,
                 "loss_spikes": health.spikes,
+                **window_metrics(fetched),
             }
+            if peak:
+                last["mfu"] = mfu(last["tokens_per_s"], flops_per_token, peak, jax.device_count())
             step_ms.append(last["step_ms"])
             metrics.write(done, last)
             progress.update(done, last)
@@ -254,6 +276,9 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
         "compile_s": round(compile_s, 2),
         "tokens_per_s": round(tokens_seen / wall, 1) if wall > 0 else None,
         "step_ms_median": round(statistics.median(step_ms), 3) if step_ms else None,
+        # at the median step time: the steady-state figure `meshforge bench` reports too
+        "mfu": round(mfu(tokens_seen / max(done - start, 1) / (statistics.median(step_ms) / 1000), flops_per_token,
+                         peak, jax.device_count()), 4) if peak and step_ms else None,
         "final_loss": last.get("loss"),
         "final_val_loss": val_loss,
         **{f"final_{k}": v for k, v in task_scores.items()},

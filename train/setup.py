@@ -89,7 +89,7 @@ def check_resumable(cfg: Config, workdir: Path) -> None:
     saved = json.loads(path.read_text()).get("model", {})
     now = dataclasses.asdict(cfg.model)
     shape_keys = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "positions", "norm", "mlp",
-                  "tie_embeddings", "use_bias", "scan_layers")
+                  "tie_embeddings", "use_bias", "scan_layers", "param_dtype", "moe_experts", "moe_every", "moe_d_ff")
     diff = [f"model.{k}: {saved.get(k)} -> {now[k]}" for k in shape_keys if k in saved and saved[k] != now[k]]
     if diff:
         raise UserError(f"{workdir} holds a run with a different model ({'; '.join(diff)}); "

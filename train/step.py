@@ -20,9 +20,10 @@ def cross_entropy_sums(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT:
 
 
 def _forward_sums(mdef: ModelDef, params, batch, dropout_key):
-    logits_BTV = mdef.apply(params, batch["inputs"], segment_ids_BT=batch.get("segment_ids"),
-                            positions_BT=batch.get("positions"), dropout_key=dropout_key)
-    return cross_entropy_sums(logits_BTV, batch["targets"], batch["weights"])
+    """(loss sum, weight sum, aux): aux holds the model's MoE statistics and weighted `aux_loss` ({} if dense)."""
+    logits_BTV, aux = mdef.apply(params, batch["inputs"], segment_ids_BT=batch.get("segment_ids"),
+                                 positions_BT=batch.get("positions"), dropout_key=dropout_key, return_aux=True)
+    return (*cross_entropy_sums(logits_BTV, batch["targets"], batch["weights"]), aux)
 
 
 def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
@@ -30,19 +31,31 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, schedule: 
     use_dropout = mdef.cfg.dropout > 0
 
     def loss_sums(params, batch, key):
-        loss_sum, weight_sum = _forward_sums(mdef, params, batch, key if use_dropout else None)
-        return loss_sum, (weight_sum, {})
+        ce_sum, weight_sum, aux = _forward_sums(mdef, params, batch, key if use_dropout else None)
+        sums = {"ce": ce_sum}
+        if "aux_loss" in aux:
+            # MoE aux losses are means over this micro-batch; scaled by its token weight they join the sums, so
+            # the one division by the total weight gives their weighted mean, however the batch is split.
+            aux = {("moe_aux_loss" if k == "aux_loss" else k): v * weight_sum for k, v in aux.items()}
+            sums.update(aux)
+            return ce_sum + aux["moe_aux_loss"], (weight_sum, sums)
+        return ce_sum, (weight_sum, sums)
 
     def train_step(state: State, batch: dict) -> tuple[State, dict]:
         key = jax.random.fold_in(jax.random.key(seed), state["step"])
-        loss_sum, weight_sum, _, grad_sums = accumulate_gradients(loss_sums, state["params"], batch, accum_steps, key)
+        _, weight_sum, sums, grad_sums = accumulate_gradients(loss_sums, state["params"], batch, accum_steps, key)
+        # Gradients take their parameter's layout at once: with FSDP the batch-sharded partial sums become a
+        # reduce-scatter, and clipping's norm is computed on shards instead of a replicated copy.
+        grad_sums = jax.lax.with_sharding_constraint(grad_sums, state_shardings["params"])
         denom = jnp.maximum(weight_sum, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grad_sums)
+        # (in the parameters' dtype: with bfloat16 parameters the optimizer state must keep its dtype)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sums, state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         in_a_row, skipped = nonfinite_counts(opt_state)
-        metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
-                   "tokens": weight_sum, "skipped_steps": skipped, "nonfinite_in_a_row": in_a_row}
+        metrics = {"loss": sums.pop("ce") / denom, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
+                   "tokens": weight_sum, "skipped_steps": skipped, "nonfinite_in_a_row": in_a_row,
+                   **{k: v / denom for k, v in sums.items()}}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
@@ -51,6 +64,6 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, schedule: 
 
 def make_eval_step(mdef: ModelDef, param_shardings: dict, batch_sharding: NamedSharding) -> Callable:
     def eval_step(params, batch):
-        return _forward_sums(mdef, params, batch, None)
+        return _forward_sums(mdef, params, batch, None)[:2]
 
     return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding))

@@ -1,0 +1,98 @@
+"""`meshforge bench` on 8 fake devices: the collectives each strategy must produce, memory, FLOPs and MFU."""
+import dataclasses
+import functools
+import json
+
+import pytest
+
+from data.config import DataConfig
+from helpers import TINY, meshforge
+from models.transformer import ModelConfig
+from parallel.mesh import MeshConfig
+from train.accounting import matmul_params_per_token, mfu, table_peak, train_flops_per_token
+from train.bench import bench
+from train.config import Config, TrainConfig
+
+MOE = dataclasses.replace(TINY, moe_experts=4, moe_capacity_factor=0.0)
+
+
+@functools.cache  # each layout is compiled and timed once per test process
+def _bench(model: ModelConfig, **mesh) -> dict:
+    cfg = Config(model=dataclasses.replace(model, vocab_size=0), mesh=MeshConfig(**{"data": 1, **mesh}),
+                 data=DataConfig(), train=TrainConfig(batch_size=16, seq_len=16), name="tiny")
+    return bench(cfg, steps=2, warmup=1, show=False)
+
+
+@pytest.fixture
+def grad_bytes():
+    return 4 * _bench(TINY, data=8)["params"]  # float32 gradients
+
+
+def test_data_parallel_all_reduces_the_gradients(grad_bytes):
+    c = _bench(TINY, data=8)["collectives"]
+    assert c["all-reduce"]["count"] >= 1
+    assert grad_bytes <= c["all-reduce"]["bytes"] <= 1.2 * grad_bytes  # the gradients, once (plus scalars)
+    assert c["all-gather"]["count"] == c["reduce-scatter"]["count"] == c["all-to-all"]["count"] == 0
+
+
+def test_fsdp_all_gathers_params_and_reduce_scatters_grads(grad_bytes):
+    r = _bench(TINY, fsdp=8)
+    c = r["collectives"]
+    assert c["all-gather"]["count"] > 0 and c["all-gather"]["bytes"] >= 0.9 * grad_bytes  # params, gathered
+    assert c["reduce-scatter"]["count"] > 0 and c["reduce-scatter"]["bytes"] >= 0.9 * grad_bytes  # gradients
+    assert c["all-reduce"]["bytes"] < 0.05 * grad_bytes  # only scalars (loss, norms) are all-reduced
+    assert c["all-to-all"]["count"] == 0
+
+
+def test_expert_parallel_uses_all_to_all():
+    c = _bench(MOE, data=2, expert=4)["collectives"]
+    assert c["all-to-all"]["count"] >= 4  # dispatch and combine, forward and backward
+    assert c["all-gather"]["count"] == 0  # routing (top-k) stays batch-sharded
+
+
+def test_report_fields_and_memory():
+    r = _bench(TINY, fsdp=8)
+    for key in ("compile_s", "step_ms_median", "step_ms_p10", "step_ms_p90", "tokens_per_s", "model_flops_per_token",
+                "xla_flops_per_token", "achieved_tflops_per_device", "peak_tflops_per_device", "mfu"):
+        assert r[key] is not None and r[key] > 0, key
+    assert r["step_ms_p10"] <= r["step_ms_median"] <= r["step_ms_p90"]
+    m = r["memory_per_device"]
+    assert m["arguments"] > 0 and m["temporaries"] > 0
+    assert m["peak"] == m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"]
+    # XLA's count includes norms, softmax and the optimizer: near, but above, the matmul count.
+    assert r["model_flops_per_token"] < r["xla_flops_per_token"] < 1.6 * r["model_flops_per_token"]
+    fsdp_args = m["arguments"]
+    assert _bench(TINY, data=8)["memory_per_device"]["arguments"] > 4 * fsdp_args  # FSDP shards the state
+
+
+def test_flops_per_token_by_hand():
+    cfg = ModelConfig(vocab_size=128, d_model=128, n_layers=4, n_heads=4)  # the shakespeare_char model
+    per_layer = 4 * 128 * 128 + 2 * 128 * 512  # q, k, v, o + GELU MLP
+    assert matmul_params_per_token(cfg) == 4 * per_layer + 128 * 128  # + the (tied) output head
+    assert train_flops_per_token(cfg, 64) == 6 * (4 * per_layer + 128 * 128) + 12 * 4 * 64 * 128
+    moe = dataclasses.replace(cfg, moe_experts=4, moe_top_k=2, moe_d_ff=256, moe_every=2)
+    moe_layer = 4 * 128 * 128 + 2 * (2 * 128 * 256) + 128 * 4  # top-2 experts of width 256, plus the router
+    assert matmul_params_per_token(moe) == 2 * per_layer + 2 * moe_layer + 128 * 128
+
+
+def test_peaks_and_mfu():
+    assert table_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert table_peak("NVIDIA H100 PCIe", "bfloat16") == 756e12
+    assert table_peak("TPU v5 lite", "bfloat16") == 197e12
+    assert table_peak("TPU v5", "float32") == 459e12
+    assert table_peak("cpu", "float32") is None
+    assert mfu(1000.0, 1e9, 1e12, 2) == pytest.approx(0.5)
+    assert mfu(1000.0, 1e9, None, 2) is None
+
+
+def test_bench_command_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    r = meshforge("bench", "experiments/shakespeare_char.py", "--model.d_model", "32", "--model.n_layers", "1",
+                  "--model.n_heads", "2", "--train.seq_len", "16", "--train.batch_size", "4", "--steps", "3",
+                  "--warmup", "1", "--json", out, devices=2)
+    assert r.returncode == 0, r.stderr
+    assert "MFU" in r.stdout and "all-reduce" in r.stdout
+    result = json.loads(out.read_text())
+    assert result["devices"] == 2 and result["steps_timed"] == 3 and 0 < result["mfu"] < 1
+    bad = meshforge("bench", "experiments/shakespeare_char.py", "--steps", "0", devices=2)
+    assert bad.returncode == 2 and "--steps" in bad.stderr

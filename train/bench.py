@@ -1,0 +1,149 @@
+"""`meshforge bench`: compile the experiment's train step, time it, and show how close it runs to the hardware.
+
+The step is the one `meshforge train` runs (same builder, shardings, data and AOT compile), each timed from
+dispatch to completion with the next batch built while it runs, so the median matches train's `step_ms`.
+Nothing is written to a workdir: the state is freshly initialised and thrown away.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from data.loader import process_rows, to_global
+from parallel.analysis import analyse
+from parallel.errors import UserError
+from parallel.rules import activate
+from train.accounting import device_peak, matmul_params_per_token, mfu, train_flops_per_token
+from train.config import Config
+from train.setup import build
+from train.state import count_params, init_state
+from train.step import make_train_step
+
+
+def bench(cfg: Config, *, steps: int = 20, warmup: int = 3, json_path: str | None = None,
+          show: bool = True) -> dict:
+    if steps < 1 or warmup < 0:
+        raise UserError("--steps must be >= 1 and --warmup >= 0")
+    setup = build(cfg)
+    cfg, tc = setup.cfg, setup.cfg.train
+    with activate(setup.mesh):
+        train_step = make_train_step(setup.mdef, setup.tx, setup.schedule, accum_steps=cfg.optim.accum_steps,
+                                     seed=tc.seed, state_shardings=setup.shardings,
+                                     batch_sharding=setup.batch_sharding)
+        state = init_state(setup.tx, setup.mdef, setup.shardings, tc.seed)
+        rows = process_rows(setup.batch_sharding, tc.batch_size)
+        batch = lambda s: to_global(setup.data.train_batch(s, rows), setup.batch_sharding, tc.batch_size)  # noqa: E731
+
+        next_batch = batch(0)
+        t0 = time.perf_counter()
+        compiled = train_step.lower(state, next_batch).compile()
+        compile_s = time.perf_counter() - t0
+        analysis = analyse(compiled)
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+
+        times, tokens = [], []
+        for i in range(warmup + steps):
+            t = time.perf_counter()
+            state, metrics = compiled(state, next_batch)
+            next_batch = batch(i + 1)  # built while the step runs, as in train
+            jax.block_until_ready((state, metrics))
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+                tokens.append(float(metrics["tokens"]))
+
+    n_dev = jax.device_count()
+    step_s = statistics.median(times)
+    tokens_per_step = float(np.mean(tokens))
+    tokens_per_s = tokens_per_step / step_s
+    model_flops = train_flops_per_token(cfg.model, tc.seq_len)
+    xla_flops = float(cost.get("flops", 0.0)) * n_dev / tokens_per_step if cost else None
+    peak, peak_source = device_peak(cfg.model.dtype)
+    p10, p90 = np.percentile(times, [10, 90]) if len(times) > 1 else (step_s, step_s)
+    result = {
+        "name": cfg.name,
+        "platform": jax.devices()[0].platform,
+        "device_kind": jax.devices()[0].device_kind,
+        "devices": n_dev,
+        "mesh": {k: int(v) for k, v in setup.mesh.shape.items()},
+        "params": count_params(state["params"]),
+        "active_matmul_params": matmul_params_per_token(cfg.model),
+        "dtype": cfg.model.dtype,
+        "param_dtype": cfg.model.param_dtype,
+        "remat": cfg.model.remat,
+        "scan_layers": cfg.model.scan_layers,
+        "batch_size": tc.batch_size,
+        "seq_len": tc.seq_len,
+        "compile_s": round(compile_s, 3),
+        "steps_timed": len(times),
+        "step_ms_median": round(1000 * step_s, 3),
+        "step_ms_p10": round(1000 * float(p10), 3),
+        "step_ms_p90": round(1000 * float(p90), 3),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "model_flops_per_token": model_flops,
+        "xla_flops_per_token": xla_flops,
+        # XLA's cost analysis counts a while-loop body once: scanned layers and accumulation make it low.
+        "xla_flops_loops_counted_once": cfg.model.scan_layers or cfg.optim.accum_steps > 1,
+        "achieved_tflops_per_device": tokens_per_s * model_flops / n_dev / 1e12,
+        "peak_tflops_per_device": peak / 1e12 if peak else None,
+        "peak_source": peak_source,
+        "mfu": mfu(tokens_per_s, model_flops, peak, n_dev),
+        "memory_per_device": analysis["memory"],
+        "collectives": analysis["collectives"],
+    }
+    if show:
+        print_table(result)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def print_table(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"meshforge bench: {r['name']}", show_header=False, title_justify="left")
+    t.add_column("what", style="bold")
+    t.add_column("value")
+    mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1 device"
+    t.add_row("devices", f"{r['devices']} x {r['device_kind']} ({r['platform']}), mesh {mesh}")
+    t.add_row("model", f"{r['params'] / 1e6:.2f}M params ({r['active_matmul_params'] / 1e6:.2f}M active matmul), "
+                       f"compute {r['dtype']}, params {r['param_dtype']}, remat {r['remat']}, "
+                       f"scan {r['scan_layers']}")
+    t.add_row("batch", f"{r['batch_size']} x {r['seq_len']} tokens")
+    t.add_row("compile", f"{r['compile_s']:.2f} s")
+    t.add_row("step time", f"median {r['step_ms_median']:.2f} ms  (p10 {r['step_ms_p10']:.2f}, "
+                           f"p90 {r['step_ms_p90']:.2f}; {r['steps_timed']} steps)")
+    t.add_row("throughput", f"{r['tokens_per_s']:,.0f} tokens/s")
+    xla = r["xla_flops_per_token"]
+    note = " (loop bodies counted once)" if r["xla_flops_loops_counted_once"] else ""
+    t.add_row("FLOPs/token", f"model {r['model_flops_per_token'] / 1e6:.2f} M | XLA "
+                             f"{xla / 1e6:.2f} M{note}" if xla else f"model {r['model_flops_per_token'] / 1e6:.2f} M")
+    peak = r["peak_tflops_per_device"]
+    t.add_row("FLOP/s per device", f"{r['achieved_tflops_per_device'] * 1e3:.2f} GFLOP/s achieved"
+              + (f" of {peak * 1e3:,.1f} GFLOP/s peak [{r['peak_source']}]" if peak else f" [{r['peak_source']}]"))
+    t.add_row("MFU", f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a")
+    m = r["memory_per_device"]
+    if m:
+        t.add_row("memory per device", f"peak {_bytes(m['peak'])} = arguments {_bytes(m['arguments'])} + outputs "
+                                       f"{_bytes(m['outputs'])} - aliased {_bytes(m['aliased'])} + temporaries "
+                                       f"{_bytes(m['temporaries'])}")
+    for kind, c in r["collectives"].items():
+        if c["count"]:
+            t.add_row(kind, f"{c['count']} ops, {_bytes(c['bytes'])} per step")
+    if not any(c["count"] for c in r["collectives"].values()):
+        t.add_row("collectives", "none")
+    Console().print(t)
