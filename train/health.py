@@ -11,6 +11,9 @@ from collections.abc import Callable
 from train.config import TrainConfig
 
 
+SPIKE_MIN_NATS = 0.1
+
+
 class TrainingHalted(Exception):
     """The run stopped itself on purpose (non-finite steps under the configured policy); not a bug."""
 
@@ -38,7 +41,9 @@ class Health:
                 self._halt(f"{int(m['nonfinite_in_a_row'])} non-finite steps in a row up to step {step} "
                            f"(train.max_nonfinite_in_a_row={self.cfg.max_nonfinite_in_a_row})")
             if math.isfinite(loss):
-                if self.cfg.spike_factor and self.loss_ema is not None and loss > self.cfg.spike_factor * self.loss_ema:
+                # Relative *and* absolute: near zero loss, 0.001 -> 0.004 is a factor of 4 but no spike.
+                if (self.cfg.spike_factor and self.loss_ema is not None
+                        and loss > self.cfg.spike_factor * self.loss_ema and loss - self.loss_ema > SPIKE_MIN_NATS):
                     self.spikes += 1
                     self.log(f"meshforge: warning: loss spike at step {step}: {loss:.4f} "
                              f"(running mean {self.loss_ema:.4f})")
