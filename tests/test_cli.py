@@ -74,6 +74,7 @@ BAD = {
     "mesh does not divide the devices": (["--mesh.data", "3"], "mesh"),
     "batch not divisible by data parallel": (["--train.batch_size", "5"], "train.batch_size"),
     "missing data file": (["--data.path", "/no/such/corpus.txt"], "data.path"),
+    "step too big for memory": (["--train.batch_size", "2048", "--train.seq_len", "2048"], "GiB of host memory"),
 }
 
 

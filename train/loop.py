@@ -15,11 +15,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import psutil
 
 from data.loader import process_rows, to_global
 from data.tokenize import save_tokenizer
 from optim.chains import nonfinite_counts
 from parallel.errors import UserError
+from parallel.analysis import memory_per_device
 from parallel.mesh import batch_divisor
 from parallel.rules import activate
 from train.accounting import device_peak, mfu, train_flops_per_token
@@ -145,22 +147,51 @@ def _train(setup: Setup, workdir: Path, resuming: bool) -> dict:
             summary_path = workdir / "summary.json"
             return json.loads(summary_path.read_text()) if summary_path.exists() else {"steps": start}
 
+        faults = Faults()
+        rows = process_rows(setup.batch_sharding, tc.batch_size)
+
+        def batch(step: int) -> dict:
+            host = faults.corrupt_batch(step, setup.data.train_batch(step, rows))
+            return to_global(host, setup.batch_sharding, tc.batch_size)
+
+        t_start = time.perf_counter()
+        first_batch = batch(start)
+        compiled = train_step.lower(state, first_batch).compile()
+        compile_s = time.perf_counter() - t_start
+        check_fits(compiled)  # before any file of the run is written
+
         if is_main:
             (workdir / "config.json").write_text(cfg.to_json())
             save_tokenizer(setup.data.tokenizer, workdir / "tokenizer.json")
         metrics = MetricsWriter(workdir, enabled=is_main, tensorboard=cfg.log.tensorboard)
         try:
-            return _loop(setup, workdir, state, start, ckpt, metrics, resuming, train_step, eval_step,
-                         preemption)
+            return _loop(setup, workdir, state, start, ckpt, metrics, resuming, compiled, first_batch, batch,
+                         eval_step, preemption, faults, t_start, compile_s)
         finally:
             metrics.close()
 
 
+def check_fits(compiled) -> None:
+    """Refuse a step that cannot fit in memory, instead of letting the OS kill the run halfway through."""
+    need = memory_per_device(compiled).get("peak")
+    device = jax.local_devices()[0]
+    if not need:
+        return
+    if device.platform == "cpu":  # every virtual CPU device lives in the one host memory
+        need, have, where = need * jax.local_device_count(), psutil.virtual_memory().available, "of host memory"
+    else:
+        have, where = (device.memory_stats() or {}).get("bytes_limit"), "per device"
+    if have and need > have:
+        raise UserError(f"the train step needs {need / 2**30:.1f} GiB {where} but {have / 2**30:.1f} GiB is "
+                        "available; lower train.batch_size or train.seq_len, raise optim.accum_steps, use "
+                        "model.remat with model.scan_layers, or shard over more devices")
+
+
 def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, metrics: MetricsWriter,
-          resuming: bool, train_step, eval_step, preemption: PreemptionGuard) -> dict:
+          resuming: bool, compiled, next_batch: dict, batch, eval_step, preemption: PreemptionGuard,
+          faults: Faults, t_start: float, compile_s: float) -> dict:
     cfg, tc = setup.cfg, setup.cfg.train
     is_main = jax.process_index() == 0
-    faults = Faults()
     if resuming:
         metrics.truncate_after(start)
     progress = Progress(tc.steps, start, cfg.log.progress, enabled=is_main)
@@ -169,22 +200,12 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
                  f"{dict(setup.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices | "
                  f"{'resuming at step ' + str(start) if resuming else 'new run'} | workdir {workdir}")
     progress.log("config: " + json.dumps(cfg.to_dict(), separators=(",", ":")))
+    progress.log(f"compiled the train step in {compile_s:.1f}s")
 
     # Synthetic tasks in the data: exact match of greedy samples on held-out problems, at every eval.
     task_eval = TaskEvaluator(setup) if setup.data.tasks and cfg.model.causal else None
     task_scores: dict = {}
 
-    rows = process_rows(setup.batch_sharding, tc.batch_size)
-
-    def batch(step: int) -> dict:
-        host = faults.corrupt_batch(step, setup.data.train_batch(step, rows))
-        return to_global(host, setup.batch_sharding, tc.batch_size)
-
-    t_start = time.perf_counter()
-    next_batch = batch(start)
-    compiled = train_step.lower(state, next_batch).compile()
-    compile_s = time.perf_counter() - t_start
-    progress.log(f"compiled the train step in {compile_s:.1f}s")
     # MFU as `meshforge bench` computes it (train/accounting.py); on CPU the peak is a ~0.2 s matmul probe.
     flops_per_token = train_flops_per_token(cfg.model, tc.seq_len)
     peak, _ = device_peak(cfg.model.dtype)
