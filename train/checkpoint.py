@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from parallel.errors import UserError
@@ -75,9 +76,18 @@ class Checkpointer:
                         "or optimizer changed, use the original config or start over with --fresh")
 
     def quarantine(self, step: int) -> Path:
-        dest = self.directory.parent / "corrupt_checkpoints" / f"{step}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(self.directory / str(step)), dest)
+        """Move a damaged checkpoint aside. Every process found it unreadable (they read the same files), but
+        only process 0 moves it; the others wait for the move before they look at the directory again."""
+        dest = self.directory.parent / "corrupt_checkpoints" / f"{step}"
+        if jax.process_index() == 0:
+            if dest.exists():
+                dest = dest.with_name(f"{step}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"meshforge-quarantine-{step}")
         self.manager.reload()
         return dest
 
