@@ -29,6 +29,9 @@ def held_out(*key) -> bool:
     return int.from_bytes(digest, "little") % 100 < HELD_OUT_PERCENT
 
 
+MAX_DRAWS = 10_000  # held_out() keeps ~10% of problems: 10,000 misses in a row means a tiny problem space
+
+
 class Task:
     name: str = ""
     alphabet: str = ""  # every character a prompt or answer can contain
@@ -42,10 +45,13 @@ class Task:
     def sample(self, rng: np.random.Generator, split: str = "train") -> tuple[str, str]:
         """One (prompt, answer) from the training problems, or from the held-out ones (split 'val')."""
         want = split != "train"
-        while True:
+        for _ in range(MAX_DRAWS):
             key, prompt, answer = self.draw(rng)
             if self.hold_out is False or held_out(self.name, *key) == want:
                 return prompt, answer
+        raise UserError(f"data: task {getattr(self, 'spec', self.name)!r} has too few distinct problems to hold "
+                        f"some out for evaluation (none of {MAX_DRAWS} draws was a {split} problem); "
+                        "make the task larger (more digits, symbols or length)")
 
     hold_out = True  # False for tasks whose problems are not worth holding out (the Markov language)
 
@@ -250,6 +256,8 @@ def make_task(key: str, path: str) -> Task:
         kwargs[k] = _convert(key, k, v, params[k])
     task = factory(**kwargs)
     task.spec = path
+    probe = np.random.default_rng(0)
+    task.sample(probe, "train"), task.sample(probe, "val")  # a task too small to split fails here, not mid-run
     return task
 
 

@@ -197,16 +197,23 @@ def save_tokenizer(tok: Tokenizer, path: Path) -> None:
 
 
 def tokenizer_from_json(spec: dict, where: str = "tokenizer") -> Tokenizer:
+    if not isinstance(spec, dict):
+        raise UserError(f"{where}: not a tokenizer JSON object")
     kind = spec.get("kind")
-    specials = tuple(spec.get("specials", ()))
-    if kind == "char":
-        return CharTokenizer(spec["chars"], specials)
-    if kind == "byte":
-        return ByteTokenizer(specials)
-    if kind == "bpe":
-        return BPETokenizer.from_str(spec["tokenizer"])
-    if "model" in spec and "pre_tokenizer" in spec:  # a HuggingFace tokenizers JSON file
-        return BPETokenizer.from_str(json.dumps(spec))
+    try:
+        specials = tuple(spec.get("specials", ()))
+        if kind == "char":
+            return CharTokenizer(spec["chars"], specials)
+        if kind == "byte":
+            return ByteTokenizer(specials)
+        if kind == "bpe":
+            return BPETokenizer.from_str(spec["tokenizer"])
+        if "model" in spec and "pre_tokenizer" in spec:  # a HuggingFace tokenizers JSON file
+            return BPETokenizer.from_str(json.dumps(spec))
+    except Exception as e:  # noqa: BLE001 - a broken file surfaces as KeyError, TypeError or tokenizers' own type
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"{where}: a damaged {kind} tokenizer ({type(e).__name__}: {e})") from None
     raise UserError(f"{where}: unknown tokenizer kind {kind!r}")
 
 

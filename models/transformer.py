@@ -20,6 +20,13 @@ from models.mlp import MLP
 from models.moe import MoEMLP
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    """'auto' is bfloat16 where matmul units want it (GPU, TPU) and float32 on CPU, where bf16 is emulated."""
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return DTYPES[name]
 # What the backward pass may keep from the forward pass of each layer; the rest is recomputed (jax.checkpoint).
 REMAT_POLICIES = {
     "none": None,  # keep everything: fastest, most memory
@@ -55,7 +62,7 @@ class ModelConfig:
     remat: Literal["none", "save_dots", "save_block_inputs", "full", "dots"] = "none"  # see REMAT_POLICIES
     # Precision policy: parameters (and so gradients and the optimizer update) in param_dtype, matmuls and
     # activations in dtype; norms' statistics, router, logits and the loss are always float32.
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     attention_impl: Literal["xla", "cudnn", "auto"] = "xla"
     causal: bool = True  # False: bidirectional attention (masked-LM encoders); segments still separate documents
@@ -146,7 +153,7 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, moe: bool = False):
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2: residual writes shrink with depth
-        dtype, pd = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        dtype, pd = compute_dtype(cfg.dtype), DTYPES[cfg.param_dtype]
         impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
         self.dropout = cfg.dropout
         self.attn_norm = Norm(cfg.d_model, cfg.norm, rngs, pd)
@@ -258,7 +265,7 @@ class Transformer(nnx.Module):
         x_BTD = jnp.take(constrain(self.embed_VD[...], (None, None)), tokens_BT, axis=0)
         if cfg.positions == "learned":
             x_BTD = x_BTD + jnp.take(self.pos_TD[...], positions_BT, axis=0)
-        x_BTD = constrain(x_BTD.astype(DTYPES[cfg.dtype]), ("batch", "length", "act_embed"))
+        x_BTD = constrain(x_BTD.astype(compute_dtype(cfg.dtype)), ("batch", "length", "act_embed"))
         if dropout_key is not None and cfg.dropout > 0:
             dropout_key, k = jax.random.split(dropout_key)
             x_BTD = dropout(x_BTD, cfg.dropout, k)

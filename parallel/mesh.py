@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 
 import jax
 import numpy as np
@@ -21,23 +22,36 @@ class MeshConfig:
     expert: int = 1
     cpu_devices: int = 0  # CPU only: virtual devices to split the host into; 0: one per core (see below)
 
+    def __post_init__(self):
+        sizes = self.sizes()
+        bad = [a for a, n in sizes.items() if n == 0 or n < -1]
+        if bad:
+            raise ValueError(f"mesh.{bad[0]} must be a positive size or -1 (all remaining devices), "
+                             f"got {sizes[bad[0]]}")
+        free = [a for a, n in sizes.items() if n == -1]
+        if len(free) > 1:
+            raise ValueError(f"only one mesh axis may be -1, got {', '.join('mesh.' + a for a in free)}")
+        if self.cpu_devices < 0:
+            raise ValueError(f"mesh.cpu_devices must be >= 0 (0: one per core), got {self.cpu_devices}")
+
     def sizes(self) -> dict[str, int]:
         return {a: getattr(self, a) for a in MESH_AXES}
 
 
-def default_cpu_devices(cfg: MeshConfig, batch_rows: int, cores: int | None = None) -> int:
-    """How many virtual CPU devices to make when mesh.cpu_devices is 0.
+def default_cpu_devices(cfg: MeshConfig, batch_rows: int, cores: int | None = None, processes: int = 1) -> int:
+    """How many virtual CPU devices each process makes when mesh.cpu_devices is 0.
 
-    A mesh with every size given needs exactly that many. Otherwise one per core, but never more than the
-    batch can be split over: the largest count <= cores that divides the rows of one (micro-)batch.
+    A mesh with every size given needs exactly that many in all, shared by the processes. Otherwise one per
+    core, but never more than the batch can be split over: the largest count <= cores whose total over all
+    processes divides the rows of one (micro-)batch.
     """
     sizes = cfg.sizes()
     if -1 not in sizes.values():
-        return math.prod(sizes.values())
+        return max(1, math.prod(sizes.values()) // processes)
     fixed = math.prod(s for s in sizes.values() if s != -1)
     cores = cores or os.cpu_count() or 1
-    fits = [n for n in range(fixed, cores + 1, fixed) if batch_rows % n == 0]
-    return max(fits, default=fixed)
+    fits = [n for n in range(1, cores + 1) if (n * processes) % fixed == 0 and batch_rows % (n * processes) == 0]
+    return max(fits, default=max(1, fixed // processes))
 
 
 def configure_cpu_devices(n: int) -> None:
@@ -114,22 +128,61 @@ def batch_divisor(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in axes if a)
 
 
-def maybe_initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
-    """Join a multi-process run: explicitly (coordinator/num_processes/process_id, from flags or MESHFORGE_*
-    environment variables), or by JAX's own detection on a multi-host Cloud TPU VM slice. A no-op otherwise."""
-    coordinator = coordinator or os.environ.get("MESHFORGE_COORDINATOR")
-    num_processes = num_processes or int(os.environ.get("MESHFORGE_NUM_PROCESSES", "0") or 0)
-    if process_id is None and os.environ.get("MESHFORGE_PROCESS_ID"):
-        process_id = int(os.environ["MESHFORGE_PROCESS_ID"])
-    if coordinator:
-        if not num_processes or process_id is None:
-            raise UserError("--coordinator needs --num-processes and --process-id "
-                            "(or MESHFORGE_NUM_PROCESSES / MESHFORGE_PROCESS_ID)")
-        if not 0 <= process_id < num_processes:
-            raise UserError(f"--process-id must be in [0, {num_processes}), got {process_id}")
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How this process joins a run: alone (coordinator None) or as one of num_processes."""
+    coordinator: str | None = None
+    num_processes: int = 1
+    process_id: int = 0
+
+
+def _env_int(name: str) -> int | None:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(f"{name}: expects an integer, got {raw!r}") from None
+
+
+def resolve_launch(coordinator: str | None, num_processes: int | None, process_id: int | None) -> Launch:
+    """Flags first, then MESHFORGE_COORDINATOR / MESHFORGE_NUM_PROCESSES / MESHFORGE_PROCESS_ID."""
+    coordinator = coordinator or os.environ.get("MESHFORGE_COORDINATOR") or None
+    num_processes = num_processes or _env_int("MESHFORGE_NUM_PROCESSES")
+    process_id = process_id if process_id is not None else _env_int("MESHFORGE_PROCESS_ID")
+    if not coordinator:
+        if num_processes not in (None, 1) or process_id not in (None, 0):
+            raise UserError("--num-processes/--process-id need --coordinator HOST:PORT (process 0's address)")
+        return Launch()
+    if not num_processes or process_id is None:
+        raise UserError("--coordinator needs --num-processes and --process-id "
+                        "(or MESHFORGE_NUM_PROCESSES / MESHFORGE_PROCESS_ID)")
+    if not 0 <= process_id < num_processes:
+        raise UserError(f"--process-id must be in [0, {num_processes}), got {process_id}")
+    return Launch(coordinator, num_processes, process_id)
+
+
+def on_cloud_tpu_vm() -> bool:
+    """A Cloud TPU VM with JAX's TPU runtime installed (jax[tpu] brings libtpu)."""
+    import importlib.util
+
+    return importlib.util.find_spec("libtpu") is not None and os.environ.get("JAX_PLATFORMS", "") in ("", "tpu")
+
+
+def maybe_initialize_distributed(launch: Launch) -> None:
+    """Join a multi-process run: explicitly (a Launch with a coordinator), or on a Cloud TPU VM through JAX's own
+    cluster detection, which reads the slice from the VM's metadata (and is harmless on a single host)."""
+    if launch.coordinator:
         # CPU processes need a collectives backend; this touches only the CPU client.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
+        jax.distributed.initialize(coordinator_address=launch.coordinator, num_processes=launch.num_processes,
+                                   process_id=launch.process_id)
     elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-        jax.distributed.initialize()  # multi-host TPU VM: JAX reads the slice topology from the environment
+        jax.distributed.initialize()  # GKE TPU pods name their workers here
+    elif on_cloud_tpu_vm():
+        try:
+            jax.distributed.initialize()
+        except (RuntimeError, ValueError) as e:  # not part of a slice JAX can see: run as one process
+            print(f"meshforge: warning: jax.distributed did not start ({str(e).splitlines()[0][:160]}); "
+                  "running as a single process", file=sys.stderr)

@@ -61,3 +61,14 @@ def test_default_cpu_devices():
     assert default_cpu_devices(MeshConfig(), 7, cores=4) == 1
     assert default_cpu_devices(MeshConfig(data=1, fsdp=4), 12, cores=2) == 4  # an explicit mesh gets its size
     assert default_cpu_devices(MeshConfig(data=-1, tensor=2), 12, cores=8) == 6
+    # Two processes share an explicit mesh, and together must still split the batch.
+    assert default_cpu_devices(MeshConfig(data=1, fsdp=4), 8, cores=2, processes=2) == 2
+    assert default_cpu_devices(MeshConfig(), 6, cores=2, processes=2) == 1
+
+
+@pytest.mark.parametrize("sizes", [dict(fsdp=0), dict(data=0), dict(data=-1, fsdp=-1), dict(tensor=-3),
+                                   dict(cpu_devices=-1)])
+def test_bad_mesh_sizes_are_user_errors(sizes):
+    overrides = {f"mesh.{k}": str(v) for k, v in sizes.items()}
+    with pytest.raises(UserError, match="mesh"):
+        apply_overrides(Config(), overrides)

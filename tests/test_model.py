@@ -90,10 +90,9 @@ def test_attention_matches_a_plain_softmax_reference():
         np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["xla", "auto"])
-def test_attention_impl_choice_gives_the_same_model(impl):
+def test_attention_impl_auto_runs_and_matches_xla():
     toks = jax.random.randint(jax.random.key(7), (2, 16), 0, 64)
-    np.testing.assert_allclose(_model(attention_impl=impl)(toks), _model()(toks), atol=1e-6)
+    np.testing.assert_allclose(_model(attention_impl="auto")(toks), _model(attention_impl="xla")(toks), atol=1e-6)
 
 
 def test_moe_scan_equals_loop():

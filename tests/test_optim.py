@@ -38,8 +38,12 @@ def test_one_update_matches_optax_reference(name, reference):
         theirs, ref_state = ref.update(GRADS, ref_state, PARAMS)
         for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
             np.testing.assert_allclose(a, b, rtol=1e-6)
-    # The mask matters: the norm scale moves by the Adam step only, the matrix also decays.
-    assert not np.allclose(ours["blocks"]["0"]["attn"]["wq_DNH"], 0)
+    # The mask matters: without it the norm scale and the embedding would decay too, and the updates differ.
+    unmasked = reference(1e-2, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1)
+    plain, _ = unmasked.update(GRADS, unmasked.init(PARAMS), PARAMS)
+    first, _ = tx.update(GRADS, tx.init(PARAMS), PARAMS)
+    assert not np.allclose(first["blocks"]["0"]["attn_norm"]["scale_D"], plain["blocks"]["0"]["attn_norm"]["scale_D"])
+    assert not np.allclose(first["embed_VD"], plain["embed_VD"])
 
 
 def test_adamw_first_step_by_hand():

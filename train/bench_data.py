@@ -15,6 +15,7 @@ from data.loader import process_rows, to_global
 from data.pipeline import build_pipeline
 from parallel.mesh import batch_sharding, make_mesh
 from train.config import Config
+from train.setup import check_batch
 
 
 def _rate(make, tokens_per_batch: int, seconds: float, warmup: int = 5) -> tuple[float, int]:
@@ -31,10 +32,12 @@ def _rate(make, tokens_per_batch: int, seconds: float, warmup: int = 5) -> tuple
 
 def bench_data(cfg: Config, seconds: float = 3.0) -> dict:
     tc = cfg.train
+    mesh = make_mesh(cfg.mesh)
+    check_batch(cfg, mesh)
     t0 = time.perf_counter()
     data = build_pipeline(cfg.data, batch_size=tc.batch_size, seq_len=tc.seq_len, seed=tc.seed)
     start_s = time.perf_counter() - t0
-    sharding = batch_sharding(make_mesh(cfg.mesh))
+    sharding = batch_sharding(mesh)
     rows = process_rows(sharding, tc.batch_size)
     tokens = len(rows) * tc.seq_len
     out = {"experiment": cfg.name, "mode": cfg.data.mode, "objective": cfg.data.objective,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -110,16 +111,19 @@ def run(verb: str, argv: list[str]) -> int:
     args = _parser(verb).parse_args(rest)
     cfg, workdir = _config(verb, args, overrides)
 
-    from parallel.mesh import configure_cpu_devices, default_cpu_devices, maybe_initialize_distributed
+    from parallel.mesh import configure_cpu_devices, default_cpu_devices, maybe_initialize_distributed, \
+        resolve_launch
 
     if verb == "tokenizer":
         return tokenizer_train(cfg)
+    launch = resolve_launch(args.coordinator, args.num_processes, args.process_id) if verb == "train" else None
     rows = cfg.train.batch_size // max(1, cfg.optim.accum_steps)
-    configure_cpu_devices(cfg.mesh.cpu_devices or default_cpu_devices(cfg.mesh, rows))  # before JAX starts
+    processes = launch.num_processes if launch else 1
+    configure_cpu_devices(cfg.mesh.cpu_devices or default_cpu_devices(cfg.mesh, rows, processes=processes))
     if verb == "bench":
         return bench(cfg, args)
     if verb == "train":
-        maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        maybe_initialize_distributed(launch)
         from train.loop import train
 
         train(cfg, workdir, fresh=args.fresh)
@@ -136,16 +140,22 @@ def run(verb: str, argv: list[str]) -> int:
             eval_step = make_eval_step(setup.mdef, setup.shardings["params"], setup.batch_sharding)
             val_loss = evaluate(setup, params, eval_step, setup.cfg.train.eval_batches)
             tasks = {}
-            if setup.data.tasks and setup.cfg.model.causal:
+            if setup.data.tasks and setup.cfg.model.causal and setup.cfg.data.eval_problems:
                 from train.task_eval import TaskEvaluator
 
                 tasks = {k: round(v, 6) for k, v in TaskEvaluator(setup)(params).items()}
-        print(json.dumps({"step": step, "val_loss": round(val_loss, 6), **tasks, "workdir": str(workdir)}))
+        loss = round(val_loss, 6) if math.isfinite(val_loss) else None
+        print(json.dumps({"step": step, "val_loss": loss, **tasks, "workdir": str(workdir)}))
         return 0
 
     from parallel.mesh import batch_divisor
     from train.sample import generate
 
+    if not setup.cfg.model.causal:
+        raise UserError(f"sample: {workdir} holds a bidirectional (masked-LM) model, which cannot generate text "
+                        "left to right; sample from a causal run")
+    if args.temperature < 0 or not math.isfinite(args.temperature):
+        raise UserError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     if args.num_samples < 1 or args.max_new_tokens < 0:
         raise UserError("--num-samples must be >= 1 and --max-new-tokens >= 0")
     prompt = setup.data.tokenizer.encode(args.prompt)
@@ -165,6 +175,12 @@ def run(verb: str, argv: list[str]) -> int:
 
 def bench(cfg, args) -> int:
     """Compile and time the train step (train/bench.py), or with --data-only the input pipeline alone."""
+    if args.json:  # find out now, not after the whole benchmark ran, that the report cannot be written
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).touch()
+        except OSError as e:
+            raise UserError(f"--json {args.json}: cannot write there ({e.strerror})") from None
     if not args.data_only:
         from train.bench import bench as bench_step
 

@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 import sys
 import types
 import typing
@@ -117,9 +118,12 @@ def parse_value(key: str, raw: Any, tp: Any) -> Any:
         raise UserError(f"--{key}: expects an integer, got {raw!r}")
     if tp is float:
         try:
-            return float(raw)
+            value = float(raw)
         except (TypeError, ValueError):
             raise UserError(f"--{key}: expects a number, got {raw!r}") from None
+        if not math.isfinite(value):
+            raise UserError(f"--{key}: expects a finite number, got {raw!r}")
+        return value
     if tp is str:
         return str(raw)
     if typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):

@@ -49,6 +49,8 @@ def evaluate(setup: Setup, params, eval_step, max_batches: int = 0) -> float:
     for host_batch in setup.data.eval_batches(batch_size, rows, max_batches):
         sums.append(eval_step(params, to_global(host_batch, bs, batch_size)))
         throttle(sums)
+    if not sums:
+        return float("nan")  # an empty validation split (e.g. data.synthetic_val_rows 0): nothing to report
     loss, weight = (float(sum(x)) for x in zip(*jax.device_get(sums)))
     return loss / max(weight, 1.0)
 
@@ -89,6 +91,26 @@ def any_process(flag: bool) -> bool:
     return bool(np.asarray(multihost_utils.process_allgather(np.array([flag]))).any())
 
 
+def agree(check, elsewhere: str) -> None:
+    """Run a check that may raise UserError; if it failed on any host, every host raises (one line each), so
+    no process walks into a collective that another one will never join."""
+    problem = None
+    if check is not None:
+        try:
+            check()
+        except UserError as e:
+            problem = e
+    if any_process(problem is not None):
+        raise problem or UserError(elsewhere)
+
+
+def barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"meshforge-{name}")
+
+
 def say(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, file=sys.stderr, flush=True)
@@ -101,13 +123,13 @@ def train(cfg: Config, workdir: Path, fresh: bool = False) -> dict:
     if resuming:
         check_resumable(setup.cfg, workdir)
     is_main = jax.process_index() == 0
-    ensure_writable(workdir)
+    agree(lambda: ensure_writable(workdir), "the workdir is not writable on another host")
     lock = RunLock(workdir) if is_main else None
-    if lock:
-        lock.acquire()
+    agree(lock.acquire if lock else None, "process 0 could not lock the workdir")
     try:
         if fresh and is_main and (moved := archive_run(workdir)):
             say(f"meshforge: --fresh: moved the earlier run in {workdir} to {moved}")
+        barrier("fresh")  # no process lists the workdir before the archive move is done
         return _train(setup, workdir, resuming)
     except Exception as e:
         if is_storage_failure(e):
@@ -158,7 +180,7 @@ def _train(setup: Setup, workdir: Path, resuming: bool) -> dict:
         first_batch = batch(start)
         compiled = train_step.lower(state, first_batch).compile()
         compile_s = time.perf_counter() - t_start
-        check_fits(compiled)  # before any file of the run is written
+        agree(lambda: check_fits(compiled), "the train step does not fit in memory on another host")
 
         if is_main:
             (workdir / "config.json").write_text(cfg.to_json())
@@ -192,8 +214,7 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
           faults: Faults, t_start: float, compile_s: float) -> dict:
     cfg, tc = setup.cfg, setup.cfg.train
     is_main = jax.process_index() == 0
-    if resuming:
-        metrics.truncate_after(start)
+    metrics.truncate_after(start)  # rows past the restored step (or any rows, for a new run) belong to no checkpoint
     progress = Progress(tc.steps, start, cfg.log.progress, enabled=is_main)
     n_params = count_params(state["params"])
     progress.log(f"meshforge: {cfg.name} | {n_params / 1e6:.2f}M params | mesh "
@@ -203,7 +224,7 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
     progress.log(f"compiled the train step in {compile_s:.1f}s")
 
     # Synthetic tasks in the data: exact match of greedy samples on held-out problems, at every eval.
-    task_eval = TaskEvaluator(setup) if setup.data.tasks and cfg.model.causal else None
+    task_eval = TaskEvaluator(setup) if setup.data.tasks and cfg.model.causal and cfg.data.eval_problems else None
     task_scores: dict = {}
 
     # MFU as `meshforge bench` computes it (train/accounting.py); on CPU the peak is a ~0.2 s matmul probe.
@@ -309,7 +330,8 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
         "platform": jax.devices()[0].platform,
     }
     if is_main:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
+        (workdir / "summary.json").write_text(json.dumps(finite, indent=2))
     progress.close()
     progress.log("done: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("name", "platform")))
     return summary

@@ -9,6 +9,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import jax
 import optax
 from jax.sharding import Mesh, NamedSharding
 
@@ -36,6 +37,8 @@ class Setup:
 
 def resolve_model(cfg: Config, vocab_size: int) -> Config:
     m = cfg.model
+    if m.dtype == "auto":  # record the compute dtype this platform gets (config.json, bench, MFU peak)
+        m = dataclasses.replace(m, dtype="float32" if jax.default_backend() == "cpu" else "bfloat16")
     if m.vocab_size == 0:
         m = dataclasses.replace(m, vocab_size=-(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
     elif m.vocab_size < vocab_size:
@@ -86,11 +89,18 @@ def check_resumable(cfg: Config, workdir: Path) -> None:
     path = workdir / "config.json"
     if not path.exists():
         return
-    saved = json.loads(path.read_text()).get("model", {})
-    now = dataclasses.asdict(cfg.model)
-    shape_keys = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "positions", "norm", "mlp",
-                  "tie_embeddings", "use_bias", "scan_layers", "param_dtype", "moe_experts", "moe_every", "moe_d_ff")
+    saved_cfg = json.loads(path.read_text())
+    saved, now = saved_cfg.get("model", {}), dataclasses.asdict(cfg.model)
+    shape_keys = ["vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "positions", "norm", "mlp",
+                  "tie_embeddings", "use_bias", "scan_layers", "param_dtype", "moe_experts", "moe_every", "moe_d_ff"]
+    if now["positions"] == "learned":
+        shape_keys.append("max_seq_len")  # the position table's length
     diff = [f"model.{k}: {saved.get(k)} -> {now[k]}" for k in shape_keys if k in saved and saved[k] != now[k]]
+    # The optimizer's state has another structure, and the saved tokenizer would silently win over a new one.
+    for section, key in (("optim", "name"), ("data", "tokenizer")):
+        old, new = saved_cfg.get(section, {}).get(key), getattr(getattr(cfg, section), key)
+        if old is not None and old != new:
+            diff.append(f"{section}.{key}: {old} -> {new}")
     if diff:
-        raise UserError(f"{workdir} holds a run with a different model ({'; '.join(diff)}); "
-                        "use a new --workdir, or the run's original model settings")
+        raise UserError(f"{workdir} holds a run with a different model or setup ({'; '.join(diff)}); "
+                        "use a new --workdir, the run's original settings, or --fresh to start over")
