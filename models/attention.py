@@ -39,6 +39,15 @@ def segment_mask(segment_ids_BT: jax.Array | None) -> jax.Array | None:
     return (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
 
 
+def pick_implementation(requested: str, dtype: jnp.dtype, head_dim: int) -> str:
+    """Resolve attention_impl "auto": cuDNN's fused kernel where it applies (NVIDIA GPU, bfloat16, head_dim a
+    multiple of 8 up to 128), XLA elsewhere. JAX's own default (implementation=None) is always XLA."""
+    if requested != "auto":
+        return requested
+    fits = jax.default_backend() == "gpu" and jnp.dtype(dtype) == jnp.bfloat16 and head_dim % 8 == 0
+    return "cudnn" if fits and head_dim <= 128 else "xla"
+
+
 class Attention(nnx.Module):
     def __init__(
         self,
@@ -49,7 +58,7 @@ class Attention(nnx.Module):
         use_bias: bool,
         init_std: float,
         out_std: float,
-        implementation: Literal["xla", "cudnn"] | None,
+        implementation: Literal["xla", "cudnn", "auto"],
         dtype: jnp.dtype,
         param_dtype: jnp.dtype = jnp.float32,
         causal: bool = True,
@@ -57,7 +66,8 @@ class Attention(nnx.Module):
     ):
         head_dim = d_model // n_heads
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.implementation, self.dtype, self.causal = implementation, dtype, causal
+        self.implementation = pick_implementation(implementation, dtype, head_dim)
+        self.dtype, self.causal = dtype, causal
         init = jax.nn.initializers.normal(init_std)
         pd = param_dtype
         self.wq_DNH = param(rngs, init, (d_model, n_heads, head_dim), ("embed", "heads", "head_dim"), pd)

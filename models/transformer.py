@@ -27,6 +27,8 @@ def compute_dtype(name: str) -> jnp.dtype:
     if name == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     return DTYPES[name]
+
+
 # What the backward pass may keep from the forward pass of each layer; the rest is recomputed (jax.checkpoint).
 REMAT_POLICIES = {
     "none": None,  # keep everything: fastest, most memory
@@ -64,7 +66,7 @@ class ModelConfig:
     # activations in dtype; norms' statistics, router, logits and the loss are always float32.
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
-    attention_impl: Literal["xla", "cudnn", "auto"] = "xla"
+    attention_impl: Literal["xla", "cudnn", "auto"] = "auto"  # auto: cuDNN where it applies, else XLA
     causal: bool = True  # False: bidirectional attention (masked-LM encoders); segments still separate documents
     # Mixture of experts: with moe_experts > 0 the MLP of every moe_every-th layer (the last of each group of
     # moe_every) is a sparse MoE block of moe_experts experts, each token going to its moe_top_k best.
@@ -154,11 +156,10 @@ class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, moe: bool = False):
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2: residual writes shrink with depth
         dtype, pd = compute_dtype(cfg.dtype), DTYPES[cfg.param_dtype]
-        impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
         self.dropout = cfg.dropout
         self.attn_norm = Norm(cfg.d_model, cfg.norm, rngs, pd)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, use_bias=cfg.use_bias, init_std=cfg.init_std,
-                              out_std=out_std, implementation=impl, dtype=dtype, param_dtype=pd, causal=cfg.causal,
+                              out_std=out_std, implementation=cfg.attention_impl, dtype=dtype, param_dtype=pd, causal=cfg.causal,
                               rngs=rngs)
         self.mlp_norm = Norm(cfg.d_model, cfg.norm, rngs, pd)
         if moe:

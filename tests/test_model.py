@@ -91,8 +91,36 @@ def test_attention_matches_a_plain_softmax_reference():
 
 
 def test_attention_impl_auto_runs_and_matches_xla():
+    from models.attention import pick_implementation
+
     toks = jax.random.randint(jax.random.key(7), (2, 16), 0, 64)
-    np.testing.assert_allclose(_model(attention_impl="auto")(toks), _model(attention_impl="xla")(toks), atol=1e-6)
+    f32 = dict(dtype="float32")  # float32: "auto" is XLA on every backend, so the outputs must agree exactly
+    np.testing.assert_allclose(_model(attention_impl="auto", **f32)(toks), _model(attention_impl="xla", **f32)(toks),
+                               atol=1e-6)
+    on_gpu = jax.default_backend() == "gpu"
+    assert pick_implementation("auto", jnp.bfloat16, 64) == ("cudnn" if on_gpu else "xla")
+    assert pick_implementation("auto", jnp.float32, 64) == "xla"  # cuDNN's kernel is for 16-bit inputs
+    assert pick_implementation("auto", jnp.bfloat16, 256) == "xla"
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+def test_cudnn_attention_matches_xla_with_documents():
+    """What "auto" picks on a GPU: the fused kernel keeps causality and document boundaries, forward and backward."""
+    from models.attention import segment_mask
+
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 256, 4, 64), jnp.bfloat16) for i in range(3))
+    seg = jnp.array([[0] * 100 + [1] * 100 + [2] * 56, [0] * 256])
+    w = jax.random.normal(jax.random.key(9), (2, 256, 4, 64), jnp.float32)
+
+    def run(impl):
+        def f(q, k, v):
+            out = jax.nn.dot_product_attention(q, k, v, mask=segment_mask(seg), is_causal=True, implementation=impl)
+            return (out.astype(jnp.float32) * w).sum(), out
+        (_, out), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        return [x.astype(jnp.float32) for x in (out, *grads)]
+
+    for a, b in zip(run("cudnn"), run("xla")):
+        np.testing.assert_allclose(a, b, atol=0.05, rtol=0.05)
 
 
 def test_moe_scan_equals_loop():

@@ -39,6 +39,11 @@ def resolve_model(cfg: Config, vocab_size: int) -> Config:
     m = cfg.model
     if m.dtype == "auto":  # record the compute dtype this platform gets (config.json, bench, MFU peak)
         m = dataclasses.replace(m, dtype="float32" if jax.default_backend() == "cpu" else "bfloat16")
+    if m.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+        raise UserError(f"model.attention_impl: cudnn runs on NVIDIA GPUs only, this run is on "
+                        f"{jax.default_backend()}; use auto (cuDNN where it can) or xla")
+    if m.attention_impl == "cudnn" and m.dtype == "float32":
+        raise UserError("model.attention_impl: cudnn needs model.dtype bfloat16; use auto or xla for float32")
     if m.vocab_size == 0:
         m = dataclasses.replace(m, vocab_size=-(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
     elif m.vocab_size < vocab_size:
