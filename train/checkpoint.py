@@ -18,6 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from parallel.errors import UserError
+from parallel.hosts import barrier, processes_where
 
 
 class Checkpointer:
@@ -31,6 +32,15 @@ class Checkpointer:
         )
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extra"))
+        # Restores go through a read-only manager local to this process: Orbax's multi-process restore ends in a
+        # collective barrier, which a process whose shard failed to read never reaches, leaving the others
+        # blocked in it. Locally each process reads the shards its devices need and no process waits on another;
+        # restore_latest_valid then takes the verdict of all processes together.
+        me = jax.process_index()
+        local = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+        self.reader = ocp.CheckpointManager(self.directory, item_names=("state", "extra"),
+                                            options=ocp.CheckpointManagerOptions(read_only=True,
+                                                                                 multiprocessing_options=local))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -44,7 +54,7 @@ class Checkpointer:
                                                         extra=ocp.args.JsonSave(extra)), force=force)
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict]:
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+        out = self.reader.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                  extra=ocp.args.JsonRestore()))
         return out.state, dict(out.extra)
 
@@ -61,11 +71,17 @@ class Checkpointer:
         are corrupt: they are moved to WORKDIR/corrupt_checkpoints/ (never deleted) and reported in one line."""
         failed: list[tuple[int, str]] = []
         for step in sorted(self.all_steps(), reverse=True):
+            error = None
             try:
                 with _quiet_async_leftovers():
                     state, extra = self.restore(step, target)
             except Exception as e:  # noqa: BLE001 - any read failure of one checkpoint means: try the previous
-                failed.append((step, _first_line(e)))
+                error = _first_line(e)
+            # Each process reads only the shards its devices hold: one damaged shard fails one process, and all
+            # of them must then give up on that checkpoint together.
+            bad_on = processes_where(error is not None)
+            if bad_on:
+                failed.append((step, error or f"a shard failed to read on process {bad_on[0]}"))
                 continue
             for bad, reason in failed:
                 where = self.quarantine(bad)
@@ -84,21 +100,20 @@ class Checkpointer:
                 dest = dest.with_name(f"{step}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(self.directory / str(step)), dest)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"meshforge-quarantine-{step}")
+        barrier(f"quarantine-{step}")
         self.manager.reload()
+        self.reader.reload()
         return dest
 
     def restore_extra(self, step: int) -> dict:
-        return dict(self.manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra)
+        return dict(self.reader.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+        self.reader.close()
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from data.loader import process_rows, to_global
 from data.tokenize import save_tokenizer
 from optim.chains import nonfinite_counts
 from parallel.errors import UserError
+from parallel.hosts import any_process, barrier
 from parallel.analysis import memory_per_device
 from parallel.mesh import batch_divisor
 from parallel.rules import activate
@@ -82,15 +83,6 @@ def throttle(outputs: list) -> None:
         jax.block_until_ready(outputs[-MAX_IN_FLIGHT - 1])
 
 
-def any_process(flag: bool) -> bool:
-    """True if the flag is set on any process: every host must take the same decision at the same step."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.asarray(multihost_utils.process_allgather(np.array([flag]))).any())
-
-
 def agree(check, elsewhere: str) -> None:
     """Run a check that may raise UserError; if it failed on any host, every host raises (one line each), so
     no process walks into a collective that another one will never join."""
@@ -102,13 +94,6 @@ def agree(check, elsewhere: str) -> None:
             problem = e
     if any_process(problem is not None):
         raise problem or UserError(elsewhere)
-
-
-def barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"meshforge-{name}")
 
 
 def say(msg: str) -> None:

@@ -1,0 +1,32 @@
+"""Decisions every process of a multi-host run must take together. Each is a no-op with one process.
+
+A host that decides alone (to stop, to skip a checkpoint, to give up) leaves the others waiting in a collective
+it will never join, until the coordination service kills them all minutes later.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+
+def processes_where(flag: bool) -> list[int]:
+    """Indices of the processes on which the flag is set (all processes call this at the same point)."""
+    if jax.process_count() == 1:
+        return [0] if flag else []
+    from jax.experimental import multihost_utils
+
+    flags = np.asarray(multihost_utils.process_allgather(np.array([flag]))).reshape(-1)
+    return [int(i) for i in np.flatnonzero(flags)]
+
+
+def any_process(flag: bool) -> bool:
+    """True if the flag is set on any process."""
+    return bool(processes_where(flag))
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches this point."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"meshforge-{name}")
