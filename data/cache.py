@@ -10,7 +10,6 @@ cache at once (hosts of one run) never see a half-written one.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from data.config import DataConfig, SourceConfig
+from data.hashing import digest
 from data.packing import pack_documents
 from data.sources import hf_datasets, fingerprint as source_fingerprint, load_documents, source_kind, split_documents
 from data.synthetic import Task, make_task
@@ -42,18 +42,14 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(root).expanduser()
 
 
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _slug(path: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path.split("?")[0]).name or path)[:40]
 
 
 # --- tokenizers -------------------------------------------------------------------------------------------------
 
-def tokenizer_key(cfg: DataConfig) -> tuple[str, dict]:
-    """(file name, what it depends on) of the tokenizer the data section builds."""
+def tokenizer_key(cfg: DataConfig) -> str:
+    """The file name of the tokenizer the data section builds: a hash of what it depends on."""
     parts = []
     for key, src in cfg.source_list():
         if source_kind(src.path) == "synthetic":
@@ -63,7 +59,7 @@ def tokenizer_key(cfg: DataConfig) -> tuple[str, dict]:
     deps = {"version": VERSION, "kind": cfg.tokenizer, "specials": list(SPECIALS), "sources": parts}
     if cfg.tokenizer == "bpe":
         deps.update(vocab_size=cfg.bpe_vocab_size, val_fraction=cfg.val_fraction)
-    return f"{cfg.tokenizer}-{_hash(deps)}.json", deps
+    return f"{cfg.tokenizer}-{digest(deps)}.json"
 
 
 def _source_texts(cfg: DataConfig, root: Path, split: str):
@@ -90,7 +86,7 @@ def fit_tokenizer(cfg: DataConfig, root: Path) -> Tokenizer:
         for texts in _source_texts(cfg, root, "all"):
             for text in texts:
                 chars.update(text)
-        return CharTokenizer("".join(sorted(chars)), SPECIALS)
+        return CharTokenizer.fit("".join(chars), SPECIALS)
     if cfg.tokenizer == "bpe":
         def batches():
             yield from _source_texts(cfg, root, "train")
@@ -108,8 +104,7 @@ def get_tokenizer(cfg: DataConfig, retrain: bool = False) -> tuple[Tokenizer, Pa
     if cfg.tokenizer == "byte":
         return ByteTokenizer(SPECIALS), None
     root = cache_root(cfg)
-    name, _ = tokenizer_key(cfg)
-    path = root / "tokenizers" / name
+    path = root / "tokenizers" / tokenizer_key(cfg)
     if path.is_file() and not retrain:
         return load_tokenizer(path), path
     t0 = time.perf_counter()
@@ -158,7 +153,7 @@ def packed_rows(key: str, src: SourceConfig, tokenizer: Tokenizer, pack_len: int
     settings = {"version": VERSION, "source": source_fingerprint(key, src), "pack_len": pack_len,
                 "val_fraction": val_fraction}
     tok_fp = fingerprint(tokenizer)
-    source_dir = root / "packed" / f"{_slug(src.path)}-{_hash(settings)}"
+    source_dir = root / "packed" / f"{_slug(src.path)}-{digest(settings)}"
     final = source_dir / f"tok-{tok_fp}"
     meta_path = final / "meta.json"
     if meta_path.is_file():
@@ -182,16 +177,13 @@ def packed_rows(key: str, src: SourceConfig, tokenizer: Tokenizer, pack_len: int
         for split, ds in splits.items():
             packed = ds.map(_pack_batch, batched=True, batch_size=1000, remove_columns=["text"], features=features,
                             fn_kwargs={"tokenizer": tokenizer, "pack_len": pack_len},
-                            new_fingerprint=f"{_hash(settings)}-{tok_fp}-{split}",
+                            new_fingerprint=f"{digest(settings)}-{tok_fp}-{split}",
                             cache_file_name=str(tmp / f"{split}-map.arrow"))
             packed.save_to_disk(str(tmp / split))
             meta[f"{split}_rows"] = len(packed)
             meta[f"{split}_documents"] = len(ds)
             del packed
             (tmp / f"{split}-map.arrow").unlink(missing_ok=True)
-        stores = {s: RowStore(datasets.load_from_disk(str(tmp / s))) for s in splits}
-        for s, store in stores.items():  # rows overlap by one token: count each stream token once
-            meta[f"{s}_tokens"] = int(sum((seg[:, 1:] > 0).sum() for seg in store._segments))
         meta["build_s"] = round(time.perf_counter() - t0, 2)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:

@@ -2,8 +2,12 @@
 
 Random choices in batches (masking, mixture order, permutations) are functions of (seed, position, ...), so
 they come out the same on any host, in any order, after any restart. splitmix64's finaliser mixes the keys.
+`digest` is the content hash that names caches and fingerprints data.
 """
 from __future__ import annotations
+
+import hashlib
+import json
 
 import numpy as np
 
@@ -32,3 +36,9 @@ def hash64(*keys) -> np.ndarray:
 def uniform(*keys) -> np.ndarray:
     """Floats in [0, 1), one per broadcast element of the keys."""
     return (hash64(*keys) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def digest(obj) -> str:
+    """16 hex digits of the sha256 of obj's JSON (keys sorted): cache names and fingerprints. Never change it:
+    every existing cache is named by it."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

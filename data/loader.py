@@ -11,8 +11,6 @@ evaluated at any index (`permute`, a Feistel cipher), so no epoch's order is eve
 from __future__ import annotations
 
 import functools
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -64,6 +62,20 @@ class WindowLoader:
         }
 
 
+def eval_plan(total: int, batch_size: int, rows: np.ndarray,
+              max_batches: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(index, live) of this host's rows in each eval batch over items 0..total-1 taken in order, batch_size a
+    batch: rows past the end have index 0 and live False. max_batches > 0 stops early."""
+    n_batches = -(-total // batch_size)
+    if max_batches > 0:
+        n_batches = min(n_batches, max_batches)
+    rows = np.asarray(rows, np.int64)
+    for b in range(n_batches):
+        g = b * batch_size + rows
+        live = g < total
+        yield np.where(live, g, 0), live
+
+
 def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, rows: np.ndarray,
                  max_batches: int = 0) -> Iterator[Batch]:
     """Consecutive, non-overlapping windows covering the whole split, so every token is predicted exactly once.
@@ -72,17 +84,11 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, rows: np.nda
     """
     n_targets = len(tokens) - 1
     n_windows = -(-n_targets // seq_len)
-    n_batches = -(-n_windows // batch_size)
-    if max_batches > 0:
-        n_batches = min(n_batches, max_batches)
     padded = np.zeros(n_windows * seq_len + 1, np.int32)
     padded[: len(tokens)] = tokens
     valid = np.zeros(n_windows * seq_len, np.float32)
     valid[:n_targets] = 1.0
-    for b in range(n_batches):
-        w = b * batch_size + rows  # window index of each of this host's rows
-        live = w < n_windows
-        w = np.where(live, w, 0)
+    for w, live in eval_plan(n_windows, batch_size, rows, max_batches):  # w: window index of each row
         pos = w[:, None] * seq_len + np.arange(seq_len)
         yield {
             "inputs": padded[pos],
@@ -142,24 +148,16 @@ class MixtureSchedule:
         for k in np.argsort(-(w * block - np.floor(w * block)))[: max(0, block - counts.sum())]:
             counts[k] += 1  # largest remainders take the slots rounding left over
         self.counts, self.block, self.seed = counts, int(counts.sum()), seed
-        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._layout = functools.lru_cache(maxsize=8)(self._block_layout)  # this schedule's last 8 blocks
 
-    def _layout(self, b: int) -> tuple[np.ndarray, np.ndarray]:
-        with self._lock:
-            if b in self._cache:
-                self._cache.move_to_end(b)
-                return self._cache[b]
+    def _block_layout(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source of each slot, its rank among the source's slots) in block b."""
         source = np.random.default_rng([self.seed, 0x5EED, b]).permutation(np.repeat(np.arange(len(self.counts)),
                                                                                     self.counts))
         rank = np.empty(self.block, np.int64)
         for k in range(len(self.counts)):
             at = np.flatnonzero(source == k)
             rank[at] = np.arange(len(at))
-        with self._lock:
-            self._cache[b] = (source, rank)
-            if len(self._cache) > 8:
-                self._cache.popitem(last=False)
         return source, rank
 
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -8,15 +8,14 @@ same sample stream without replaying it.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterator
 
 import numpy as np
 
 from data.cache import cache_root, check_seq_len, get_tokenizer, log, packed_rows
 from data.config import DataConfig, SourceConfig
-from data.loader import Batch, MixtureSchedule, Prefetcher, permute
+from data.hashing import digest
+from data.loader import Batch, MixtureSchedule, Prefetcher, eval_plan, permute
 from data.objectives import SPLIT_IDS, Objective, Windows
 from data.sources import source_kind
 from data.synthetic import Task, make_task, task_salt
@@ -67,10 +66,10 @@ def check_task_fits(key: str, task: Task, seq_len: int) -> None:
 class TaskSource:
     """A synthetic task: row i packs `per_row` problems drawn from a generator seeded by (seed, task, split, i)."""
 
-    def __init__(self, key: str, src: SourceConfig, cfg: DataConfig, tokenizer: Tokenizer, seq_len: int, seed: int):
-        self.task: Task = make_task(key, src.path)
+    def __init__(self, key: str, src: SourceConfig, task: Task, cfg: DataConfig, tokenizer: Tokenizer, seq_len: int,
+                 seed: int):
+        self.task = task  # made and checked against seq_len by the pipeline
         self.key, self.path, self.weight, self.seq_len = key, src.path, src.weight, seq_len
-        check_task_fits(key, self.task, seq_len)
         self.per_row = (seq_len + 1) // (self.task.max_chars + 1)
         self.tokenizer, self.seed, self.salt = tokenizer, seed, task_salt(self.task)
         self.loss_on_prompt = cfg.loss_on_prompt
@@ -117,28 +116,28 @@ class PackedPipeline:
         if cfg.objective == "span" and seq_len < 8:
             raise UserError(f"train.seq_len: span corruption needs at least 8 tokens per row, got {seq_len}")
         self.cfg, self.batch_size, self.seq_len, self.seed = cfg, batch_size, seq_len, seed
+        tasks: dict[str, Task] = {}
         for key, src in cfg.source_list():  # cheap checks first: nothing is fitted or cached for a bad config
             if source_kind(src.path) == "synthetic":
-                check_task_fits(key, make_task(key, src.path), seq_len)
+                tasks[key] = make_task(key, src.path)
+                check_task_fits(key, tasks[key], seq_len)
             else:
                 check_seq_len(seq_len, cfg.pack_len or seq_len)
-        self.tokenizer_file = None
         if tokenizer is None:
-            tokenizer, self.tokenizer_file = get_tokenizer(cfg)
+            tokenizer, _ = get_tokenizer(cfg)
         self.tokenizer = tokenizer
         self.sources: list[CorpusSource | TaskSource] = []
         for i, (key, src) in enumerate(cfg.source_list()):
-            if source_kind(src.path) == "synthetic":
-                self.sources.append(TaskSource(key, src, cfg, tokenizer, seq_len, seed))
+            if key in tasks:
+                self.sources.append(TaskSource(key, src, tasks[key], cfg, tokenizer, seq_len, seed))
             else:
                 self.sources.append(CorpusSource(key, src, i, cfg, tokenizer, seq_len, seed))
         self.tasks: list[Task] = [s.task for s in self.sources if isinstance(s, TaskSource)]
         self.schedule = MixtureSchedule([s.weight for s in self.sources], seed)
         self.objective = Objective(cfg.objective, tokenizer, seq_len, seed, cfg.mask_rate, cfg.span_mean)
-        self.fingerprint = hashlib.sha256(json.dumps(
+        self.fingerprint = digest(
             [[s.path for s in self.sources], [getattr(s, "meta", {}).get("settings") for s in self.sources],
-             [s.weight for s in self.sources], fingerprint(tokenizer), cfg.objective, seq_len, seed],
-            sort_keys=True).encode()).hexdigest()[:16]
+             [s.weight for s in self.sources], fingerprint(tokenizer), cfg.objective, seq_len, seed])
         self.base_step, self.base_position = 0, 0
         self._prefetchers: dict[bytes, Prefetcher] = {}
 
@@ -173,15 +172,7 @@ class PackedPipeline:
         """Every validation window of every source once, in order; the last batch's missing rows weigh 0."""
         sizes = np.array([s.n_val for s in self.sources], np.int64)
         starts = np.concatenate([[0], np.cumsum(sizes)])
-        total = int(starts[-1])
-        n_batches = -(-total // batch_size)
-        if max_batches > 0:
-            n_batches = min(n_batches, max_batches)
-        rows = np.asarray(rows, np.int64)
-        for b in range(n_batches):
-            g = b * batch_size + rows
-            live = g < total
-            g = np.where(live, g, 0)
+        for g, live in eval_plan(int(starts[-1]), batch_size, rows, max_batches):
             source = np.searchsorted(starts, g, side="right") - 1
             parts = [(at, self.sources[k].val_windows(g[at] - starts[k]))
                      for k in np.unique(source) for at in [np.flatnonzero(source == k)]]
@@ -214,6 +205,7 @@ class PackedPipeline:
                 f"continuing at sample {self.base_position} of the new data")
 
     def close(self) -> None:
+        """Stop the prefetch threads (idempotent)."""
         for p in self._prefetchers.values():
             p.close()
         self._prefetchers.clear()

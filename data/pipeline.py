@@ -26,6 +26,8 @@ class Pipeline(Protocol):
     tokenizer: Tokenizer
     tasks: list  # data.synthetic.Task objects the loop evaluates by exact match (empty for plain corpora)
 
+    def host_batch(self, step: int, rows: np.ndarray) -> Batch: ...  # built now, without prefetch
+
     def train_batch(self, step: int, rows: np.ndarray) -> Batch: ...
 
     def eval_batches(self, batch_size: int, rows: np.ndarray, max_batches: int = 0) -> Iterator[Batch]: ...
@@ -33,6 +35,8 @@ class Pipeline(Protocol):
     def state(self, step: int) -> dict: ...
 
     def restore(self, state: dict) -> None: ...
+
+    def close(self) -> None: ...  # stop background work; idempotent
 
 
 class TextPipeline:
@@ -49,8 +53,11 @@ class TextPipeline:
         self.seq_len = seq_len
         self.loader = WindowLoader(self.train_ids, batch_size, seq_len, seed)
 
-    def train_batch(self, step: int, rows: np.ndarray) -> Batch:
+    def host_batch(self, step: int, rows: np.ndarray) -> Batch:
         return self.loader.host_batch(step, rows)
+
+    def train_batch(self, step: int, rows: np.ndarray) -> Batch:
+        return self.host_batch(step, rows)  # windows are cheap: no prefetch
 
     def eval_batches(self, batch_size: int, rows: np.ndarray, max_batches: int = 0) -> Iterator[Batch]:
         return eval_batches(self.val_ids, batch_size, self.seq_len, rows, max_batches)
@@ -60,6 +67,9 @@ class TextPipeline:
 
     def restore(self, state: dict) -> None:
         pass  # windows are a function of (seed, step): the restored train state's step is all it needs
+
+    def close(self) -> None:
+        pass  # nothing runs in the background
 
 
 def build_pipeline(cfg: DataConfig, *, batch_size: int, seq_len: int, seed: int,

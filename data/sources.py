@@ -7,6 +7,7 @@ one column, `text`, one row per document. Synthetic tasks are sources too, but g
 """
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import importlib
@@ -100,8 +101,20 @@ def resolve_files(key: str, path: str) -> list[Path]:
     return files
 
 
+@functools.lru_cache(maxsize=32)
+def _exec_file(file: Path, resolved: Path, size: int, mtime_ns: int):
+    """The module a generator file defines, run once per version of the file (the last three are the key)."""
+    mod_spec = importlib.util.spec_from_file_location(f"meshforge_source_{file.stem}", file)
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[mod_spec.name] = module
+    mod_spec.loader.exec_module(module)
+    return module
+
+
 def _generator_target(key: str, path: str):
-    """`generator:pkg.module:function` or `generator:path/to/file.py:function` -> (function, defining file)."""
+    """`generator:pkg.module:function` or `generator:path/to/file.py:function` -> (function, defining file).
+
+    A file is executed once per version, not at every look-up (fingerprints, tokenizer fitting, caching)."""
     spec = path.removeprefix("generator:")
     module_name, _, fn_name = spec.rpartition(":")
     if not module_name or not fn_name:
@@ -112,10 +125,9 @@ def _generator_target(key: str, path: str):
             file = Path(module_name).expanduser()
             if not file.is_file():
                 raise UserError(f"{key}.path: generator file not found: {module_name}")
-            mod_spec = importlib.util.spec_from_file_location(f"meshforge_source_{file.stem}", file)
-            module = importlib.util.module_from_spec(mod_spec)
-            sys.modules[mod_spec.name] = module
-            mod_spec.loader.exec_module(module)
+            st = file.stat()
+            module = _exec_file(file, file.resolve(), st.st_size, st.st_mtime_ns)
+            sys.modules[module.__name__] = module  # another file with this stem may have taken the name since
         else:
             module = importlib.import_module(module_name)
     except ImportError as e:

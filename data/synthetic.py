@@ -10,6 +10,7 @@ prefix), markov (a random sparse Markov chain whose entropy rate, hence the loss
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import string
@@ -254,7 +255,13 @@ def make_task(key: str, path: str) -> Task:
             raise UserError(f"{key}.path: synthetic task {name!r} has no parameter {k!r}; it takes "
                             f"{', '.join(params) or 'none'}")
         kwargs[k] = _convert(key, k, v, params[k])
-    task = factory(**kwargs)
+    return _build_task(factory, tuple(kwargs.items()), path)
+
+
+@functools.lru_cache(maxsize=64)
+def _build_task(factory: Callable[..., Task], kwargs: tuple, path: str) -> Task:
+    """The task, built and probed once per spec (a pipeline build asks for each of its tasks several times)."""
+    task = factory(**dict(kwargs))
     task.spec = path
     probe = np.random.default_rng(0)
     task.sample(probe, "train"), task.sample(probe, "val")  # a task too small to split fails here, not mid-run

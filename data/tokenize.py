@@ -7,15 +7,15 @@ tokenizer is never silently paired with rows tokenized by another one.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from data.hashing import digest
 from parallel.errors import UserError
 
 N_SENTINELS = 32  # span corruption: at most this many corrupted spans per row
@@ -34,19 +34,32 @@ class Tokenizer(Protocol):
     def to_json(self) -> dict: ...
 
 
-class _Specials:
+class _SpecialIds:
+    """`special_id` over the tokenizer's {name: id} map; `_no_special` says how to get one that has the token."""
+
+    kind: str
+    _special_index: dict[str, int]
+    _no_special = ""  # format string with {kind} and {name}
+
+    def special_id(self, name: str) -> int:
+        if name not in self._special_index:
+            raise UserError(self._no_special.format(kind=self.kind, name=name))
+        return self._special_index[name]
+
+
+class _Specials(_SpecialIds):
     """Special tokens appended after a tokenizer's own ids (byte and char tokenizers)."""
+
+    _no_special = ("the {kind} tokenizer has no special token {name}; the packed pipeline (data.mode packed) "
+                   "builds tokenizers with them")
 
     def _init_specials(self, base: int, specials: tuple[str, ...]):
         self.base_size, self.specials = base, tuple(specials)
         self.vocab_size = base + len(self.specials)
         self._special_index = {name: base + i for i, name in enumerate(self.specials)}
 
-    def special_id(self, name: str) -> int:
-        if name not in self._special_index:
-            raise UserError(f"the {self.kind} tokenizer has no special token {name}; the packed pipeline "
-                            "(data.mode packed) builds tokenizers with them")
-        return self._special_index[name]
+    def _specials_json(self) -> dict:
+        return {"specials": list(self.specials)} if self.specials else {}
 
     def regular_ids(self) -> np.ndarray:
         return np.arange(self.base_size, dtype=np.int32)
@@ -80,7 +93,7 @@ class ByteTokenizer(_Specials):
         return self._decode_with(ids, lambda run: bytes(run).decode("utf-8", errors="replace"))
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, **({"specials": list(self.specials)} if self.specials else {})}
+        return {"kind": self.kind, **self._specials_json()}
 
 
 class CharTokenizer(_Specials):
@@ -110,13 +123,15 @@ class CharTokenizer(_Specials):
         return self._decode_with(ids, lambda run: "".join(self.chars[i] for i in run))
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "chars": self.chars, **({"specials": list(self.specials)} if self.specials else {})}
+        return {"kind": self.kind, "chars": self.chars, **self._specials_json()}
 
 
-class BPETokenizer:
+class BPETokenizer(_SpecialIds):
     """A byte-level BPE (the `tokenizers` library): any text round-trips exactly; specials are whole tokens."""
 
     kind = "bpe"
+    _no_special = ("this BPE tokenizer has no special token {name}; train it with meshforge's specials "
+                   "(meshforge tokenizer train)")
 
     def __init__(self, tok):
         self.tok = tok
@@ -153,38 +168,27 @@ class BPETokenizer:
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    def special_id(self, name: str) -> int:
-        if name not in self._special_index:
-            raise UserError(f"this BPE tokenizer has no special token {name}; train it with meshforge's specials "
-                            "(meshforge tokenizer train)")
-        return self._special_index[name]
-
     def regular_ids(self) -> np.ndarray:
-        special = set(self._special_index.values())
-        return np.array([i for i in range(self.vocab_size) if i not in special], dtype=np.int32)
+        return np.setdiff1d(np.arange(self.vocab_size, dtype=np.int32),
+                            np.fromiter(self._special_index.values(), np.int32, len(self._special_index)))
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "tokenizer": self.tok.to_str()}
 
 
 def fingerprint(tok: Tokenizer) -> str:
-    return hashlib.sha256(json.dumps(tok.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+    return digest(tok.to_json())
 
 
-def build_tokenizer(kind: str, text: str, specials: tuple[str, ...] = (), vocab_size: int = 2048) -> Tokenizer:
+def build_tokenizer(kind: str, text: str, *, vocab_size: int = 2048) -> Tokenizer:
     """A tokenizer fitted to one text (the windows pipeline); the packed pipeline fits over documents instead."""
     if kind == "char":
-        return CharTokenizer.fit(text, specials)
+        return CharTokenizer.fit(text)
     if kind == "byte":
-        return ByteTokenizer(specials)
+        return ByteTokenizer()
     if kind == "bpe":
-        return BPETokenizer.train(_batches([text]), vocab_size)
+        return BPETokenizer.train([[text]], vocab_size)
     raise UserError(f"data.tokenizer: unknown tokenizer {kind!r}; use 'char', 'byte' or 'bpe'")
-
-
-def _batches(texts: list[str], size: int = 1000) -> Iterator[list[str]]:
-    for i in range(0, len(texts), size):
-        yield texts[i:i + size]
 
 
 def save_tokenizer(tok: Tokenizer, path: Path) -> None:

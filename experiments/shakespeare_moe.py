@@ -26,4 +26,4 @@ def get_config() -> Config:
     cfg = dense_config()
     model = dataclasses.replace(cfg.model, moe_experts=4, moe_top_k=2, moe_d_ff=256, moe_every=1,
                                 moe_capacity_factor=1.25, moe_lb_weight=0.01, moe_z_weight=0.001)
-    return dataclasses.replace(cfg, model=model, name="shakespeare_moe")
+    return dataclasses.replace(cfg, model=model)  # the run is named after this file

@@ -39,13 +39,23 @@ def segment_mask(segment_ids_BT: jax.Array | None) -> jax.Array | None:
     return (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
 
 
+def why_not_cudnn(dtype: jnp.dtype, head_dim: int) -> str | None:
+    """Why cuDNN's fused attention cannot run here, or None when it can."""
+    if jax.default_backend() != "gpu":
+        return f"cudnn runs on NVIDIA GPUs only, this run is on {jax.default_backend()}"
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        return "cudnn needs model.dtype bfloat16"
+    if head_dim % 8 or head_dim > 128:
+        return f"cudnn needs a head_dim (d_model / n_heads) that is a multiple of 8 up to 128, got {head_dim}"
+    return None
+
+
 def pick_implementation(requested: str, dtype: jnp.dtype, head_dim: int) -> str:
-    """Resolve attention_impl "auto": cuDNN's fused kernel where it applies (NVIDIA GPU, bfloat16, head_dim a
-    multiple of 8 up to 128), XLA elsewhere. JAX's own default (implementation=None) is always XLA."""
+    """Resolve attention_impl "auto": cuDNN's fused kernel where it applies, XLA elsewhere (JAX's own default,
+    implementation=None, is always XLA)."""
     if requested != "auto":
         return requested
-    fits = jax.default_backend() == "gpu" and jnp.dtype(dtype) == jnp.bfloat16 and head_dim % 8 == 0
-    return "cudnn" if fits and head_dim <= 128 else "xla"
+    return "xla" if why_not_cudnn(dtype, head_dim) else "cudnn"
 
 
 class Attention(nnx.Module):

@@ -10,6 +10,14 @@ from flax import nnx
 from models.axes import constrain, param
 
 
+def hidden_activation(x: jax.Array, gate: jax.Array | None, kind: str, gelu_approximate: bool) -> jax.Array:
+    """The MLP's nonlinearity on its first input projection: silu(x) * gate for swiglu, else gelu(x). Dense and
+    expert MLPs share it."""
+    if kind == "swiglu":
+        return jax.nn.silu(x) * gate
+    return jax.nn.gelu(x, approximate=gelu_approximate)
+
+
 class MLP(nnx.Module):
     def __init__(
         self,
@@ -41,10 +49,8 @@ class MLP(nnx.Module):
         h_BTCF = jnp.einsum("btd,dcf->btcf", x_BTD.astype(dt), self.wi_DCF[...].astype(dt))
         if self.use_bias:
             h_BTCF = h_BTCF + self.bi_CF[...].astype(dt)
-        if self.kind == "swiglu":
-            h_BTF = jax.nn.silu(h_BTCF[:, :, 0]) * h_BTCF[:, :, 1]
-        else:
-            h_BTF = jax.nn.gelu(h_BTCF[:, :, 0], approximate=self.gelu_approximate)
+        h_BTF = hidden_activation(h_BTCF[:, :, 0], h_BTCF[:, :, 1] if self.kind == "swiglu" else None, self.kind,
+                         self.gelu_approximate)
         h_BTF = constrain(h_BTF, ("batch", "length", "act_mlp"))
         out_BTD = jnp.einsum("btf,fd->btd", h_BTF, self.wo_FD[...].astype(dt))
         if self.use_bias:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.axes import constrain, param
+from models.mlp import hidden_activation
 
 
 class Routing(NamedTuple):
@@ -132,10 +133,8 @@ class MoEMLP(nnx.Module):
         in_GECD = jnp.einsum("gsd,gsec->gecd", x_GSD.astype(dt), r.dispatch_GSEC.astype(dt))
         in_GECD = constrain(in_GECD, ("expert_group", "act_expert", None, "act_embed"))
         h_GECIF = jnp.einsum("gecd,edif->gecif", in_GECD, self.wi_EDIF[...].astype(dt))
-        if self.kind == "swiglu":
-            h_GECF = jax.nn.silu(h_GECIF[..., 0, :]) * h_GECIF[..., 1, :]
-        else:
-            h_GECF = jax.nn.gelu(h_GECIF[..., 0, :], approximate=self.gelu_approximate)
+        h_GECF = hidden_activation(h_GECIF[..., 0, :], h_GECIF[..., 1, :] if self.kind == "swiglu" else None, self.kind,
+                          self.gelu_approximate)
         h_GECF = constrain(h_GECF, ("expert_group", "act_expert", None, "act_mlp"))
         out_GECD = jnp.einsum("gecf,efd->gecd", h_GECF, self.wo_EFD[...].astype(dt))
         out_GECD = constrain(out_GECD, ("expert_group", "act_expert", None, "act_embed"))

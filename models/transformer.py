@@ -38,7 +38,6 @@ REMAT_POLICIES = {
     "save_block_inputs": jax.checkpoint_policies.save_only_these_names("block_input"),
     # Keep nothing inside a layer: only its input (the scan carry) survives; the layer is recomputed.
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # old name of save_dots
 }
 
 
@@ -61,7 +60,7 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     scan_layers: bool = False  # nnx.scan over layers: compile time stays flat as depth grows
-    remat: Literal["none", "save_dots", "save_block_inputs", "full", "dots"] = "none"  # see REMAT_POLICIES
+    remat: Literal["none", "save_dots", "save_block_inputs", "full"] = "none"  # see REMAT_POLICIES
     # Precision policy: parameters (and so gradients and the optimizer update) in param_dtype, matmuls and
     # activations in dtype; norms' statistics, router, logits and the loss are always float32.
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -121,8 +120,9 @@ class ModelConfig:
         return self.moe_experts > 0 and (i + 1) % self.moe_every == 0
 
     @property
-    def n_moe_layers(self) -> int:
-        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
+    def grouped_layers(self) -> bool:
+        """Dense and MoE layers alternate (moe_every > 1): a scan step is a LayerGroup of moe_every layers."""
+        return self.moe_experts > 0 and self.moe_every > 1
 
 
 class Norm(nnx.Module):
@@ -203,7 +203,7 @@ class LayerGroup(nnx.Module):
 
 def scan_units(cfg: ModelConfig) -> int:
     """Steps of the layer scan: one per layer, or one per LayerGroup when dense and MoE layers alternate."""
-    return cfg.n_layers // cfg.moe_every if cfg.moe_experts > 0 and cfg.moe_every > 1 else cfg.n_layers
+    return cfg.n_layers // cfg.moe_every if cfg.grouped_layers else cfg.n_layers
 
 
 def moe_aux(cfg: ModelConfig, stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -229,12 +229,11 @@ class Transformer(nnx.Module):
             self.pos_TD = param(rngs, init, (cfg.max_seq_len, cfg.d_model), ("length", "embed"), pd)
         if cfg.scan_layers:
             # One stacked unit per scan step: a Block, or a LayerGroup when dense and MoE layers alternate.
-            grouped = cfg.moe_experts > 0 and cfg.moe_every > 1
 
             @nnx.split_rngs(splits=scan_units(cfg))
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make_blocks(rngs):
-                return LayerGroup(cfg, rngs) if grouped else Block(cfg, rngs, moe=cfg.moe_experts > 0)
+                return LayerGroup(cfg, rngs) if cfg.grouped_layers else Block(cfg, rngs, moe=cfg.moe_experts > 0)
 
             self.blocks = make_blocks(rngs)
         else:

@@ -9,7 +9,6 @@ import collections
 import dataclasses
 import math
 import re
-from typing import Any
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
@@ -145,7 +144,3 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
         stats[kind]["bytes"] += sum(sizes)
     return stats
 
-
-def analyse(compiled: Any) -> dict[str, Any]:
-    """Memory per device and collectives of a compiled (jax.stages.Compiled) step."""
-    return {"memory": memory_per_device(compiled), "collectives": collectives(compiled.as_text())}

@@ -71,12 +71,7 @@ def configure_cpu_devices(n: int) -> None:
 
 def resolve_axis_sizes(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
     sizes = cfg.sizes()
-    free = [a for a, s in sizes.items() if s == -1]
-    bad = [a for a, s in sizes.items() if s == 0 or s < -1]
-    if bad:
-        raise UserError(f"mesh.{bad[0]}: size must be a positive integer or -1, got {sizes[bad[0]]}")
-    if len(free) > 1:
-        raise UserError(f"mesh: only one axis may be -1, got {', '.join('mesh.' + a for a in free)}")
+    free = [a for a, s in sizes.items() if s == -1]  # at most one, and no size below -1: MeshConfig checked
     fixed = math.prod(s for s in sizes.values() if s != -1)
     shape = " x ".join(f"{a}={s}" for a, s in sizes.items() if s != 1)
     if free:
@@ -126,6 +121,12 @@ def batch_divisor(mesh: Mesh) -> int:
     spec = batch_sharding(mesh).spec[0]
     axes = spec if isinstance(spec, tuple) else (spec,)
     return math.prod(mesh.shape[a] for a in axes if a)
+
+
+def padded_rows(mesh: Mesh, n: int) -> int:
+    """n rounded up to whole rows per batch shard (the caller gives the extra rows no weight or drops them)."""
+    div = batch_divisor(mesh)
+    return -(-n // div) * div
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -64,9 +65,23 @@ def cli_env(devices: int = 1) -> dict:
     return env
 
 
-def meshforge(*args, devices: int = 1, cwd=None, timeout=600) -> subprocess.CompletedProcess:
+def meshforge(*args, devices: int = 1, cwd=None, timeout=600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `meshforge ARGS` to completion; env adds variables (MESHFORGE_FAULTS, ...) to cli_env(devices)."""
     return subprocess.run([sys.executable, "-m", "train.cli", *map(str, args)], capture_output=True, text=True,
-                          env=cli_env(devices), cwd=cwd or REPO, timeout=timeout)
+                          env={**cli_env(devices), **(env or {})}, cwd=cwd or REPO, timeout=timeout)
+
+
+def start_meshforge(*args, devices: int = 1, env: dict | None = None) -> subprocess.Popen:
+    """Start `meshforge ARGS` in the background (stdout and stderr piped)."""
+    return subprocess.Popen([sys.executable, "-m", "train.cli", *map(str, args)], cwd=REPO, text=True,
+                            env={**cli_env(devices), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a jax.distributed coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tree_digest(path: Path) -> dict[str, str]:

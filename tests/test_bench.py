@@ -2,25 +2,44 @@
 import dataclasses
 import functools
 import json
+import math
 
+import jax
+import numpy as np
 import pytest
 
 from data.config import DataConfig
 from helpers import TINY, meshforge
 from models.transformer import ModelConfig
-from parallel.mesh import MeshConfig
+from parallel.mesh import MeshConfig, batch_divisor
 from train.accounting import matmul_params_per_token, mfu, table_peak, train_flops_per_token
 from train.bench import bench
 from train.config import Config, TrainConfig
+from train.setup import build
+from train.state import abstract_state
 
 MOE = dataclasses.replace(TINY, moe_experts=4, moe_capacity_factor=0.0)
 
 
+def _cfg(model: ModelConfig, **mesh) -> Config:
+    return Config(model=dataclasses.replace(model, vocab_size=0), mesh=MeshConfig(**{"data": 1, **mesh}),
+                  data=DataConfig(), train=TrainConfig(batch_size=16, seq_len=16), name="tiny")
+
+
 @functools.cache  # each layout is compiled and timed once per test process
 def _bench(model: ModelConfig, **mesh) -> dict:
-    cfg = Config(model=dataclasses.replace(model, vocab_size=0), mesh=MeshConfig(**{"data": 1, **mesh}),
-                 data=DataConfig(), train=TrainConfig(batch_size=16, seq_len=16), name="tiny")
-    return bench(cfg, steps=2, warmup=1, show=False)
+    return bench(_cfg(model, **mesh), steps=2, warmup=1, show=False)
+
+
+def _state_and_batch_bytes(model: ModelConfig, **mesh) -> tuple[int, int, int]:
+    """Bytes of one device's shards of the train state (from the state's own shardings, not from XLA), of the
+    whole state, and of one device's rows of a batch."""
+    setup = build(_cfg(model, **mesh))
+    leaves = jax.tree.leaves(abstract_state(setup.tx, setup.mdef, setup.shardings))
+    per_device = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves)
+    whole = sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves)
+    batch = setup.data.train_batch(0, np.arange(setup.cfg.train.batch_size))
+    return per_device, whole, sum(v.nbytes for v in batch.values()) // batch_divisor(setup.mesh)
 
 
 @pytest.fixture
@@ -57,8 +76,12 @@ def test_report_fields_and_memory():
         assert r[key] is not None and r[key] > 0, key
     assert r["step_ms_p10"] <= r["step_ms_median"] <= r["step_ms_p90"]
     m = r["memory_per_device"]
-    assert m["arguments"] > 0 and m["temporaries"] > 0
-    assert m["peak"] == m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"]
+    state, whole, batch = _state_and_batch_bytes(TINY, fsdp=8)
+    assert state < whole / 4  # FSDP: each device holds about an eighth of the state
+    # The step's arguments are this device's shards of the state plus its rows of the batch.
+    assert state <= m["arguments"] <= state + batch
+    assert m["temporaries"] > 0 and m["outputs"] >= 0.9 * state  # the new state comes back out
+    assert m["peak"] >= m["arguments"] + m["temporaries"]  # arguments stay live while the step's temporaries are
     # XLA's count includes norms, softmax and the optimizer: near, but above, the matmul count.
     assert r["model_flops_per_token"] < r["xla_flops_per_token"] < 1.6 * r["model_flops_per_token"]
     fsdp_args = m["arguments"]

@@ -1,7 +1,10 @@
 """End to end through the `meshforge` command: train, resume, eval, sample, and bad input."""
 import json
+import re
 import shutil
+import struct
 
+import jax
 import pytest
 
 from helpers import meshforge, tree_digest
@@ -24,11 +27,27 @@ def _rows(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _tb_scalars(path) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} from a TensorBoard event file (TFRecords: length, crc, Event proto, crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, out, i = path.read_bytes(), {}, 0
+    while i < len(data):
+        n = struct.unpack("<Q", data[i:i + 8])[0]
+        event = Event.FromString(data[i + 12:i + 12 + n])
+        for v in event.summary.value:
+            out.setdefault(v.tag, {})[event.step] = v.simple_value
+        i += 12 + n + 4
+    return out
+
+
 def test_train_writes_the_run_files(run_dir):
     for name in ("config.json", "tokenizer.json", "metrics.jsonl", "summary.json"):
         assert (run_dir / name).is_file(), name
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["10", "20"]
-    assert any((run_dir / "tb").iterdir())
+    events = list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0, events
+    tb = _tb_scalars(events[0])
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["model"]["d_model"] == 32 and cfg["model"]["vocab_size"] == 128 and cfg["name"] == "shakespeare_char"
     rows = _rows(run_dir)
@@ -38,20 +57,35 @@ def test_train_writes_the_run_files(run_dir):
         assert {"loss", "grad_norm", "lr", "tokens_per_s", "step_ms", "mfu"} <= set(r)
         assert 0 < r["mfu"] < 1
     assert [r["step"] for r in rows if "val_loss" in r] == [10, 20]
+    assert sorted(tb["loss"]) == [5, 10, 15, 20] and sorted(tb["val_loss"]) == [10, 20]
+    assert tb["loss"][20] == pytest.approx(train_rows[-1]["loss"], rel=1e-6)  # TensorBoard shows metrics.jsonl's
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 20 and summary["tokens_this_run"] == 20 * 4 * 16
     assert summary["final_val_loss"] < 4.9  # below the loss of a uniform guess over 128 tokens (ln 128 = 4.85)
 
 
 def test_resume_continues_from_latest_checkpoint(run_dir, tmp_path):
+    """Also checkpoint retention: the extension saves every 2 steps, keeping the last 2 and every multiple of 4."""
     workdir = tmp_path / "resumed"
     shutil.copytree(run_dir, workdir)
-    r = meshforge("train", EXPERIMENT, "--workdir", workdir, "--train.steps", "30", *TINY_RUN, devices=2)
+    r = meshforge("train", EXPERIMENT, "--workdir", workdir, "--train.steps", "30", *TINY_RUN,
+                  "--train.checkpoint_every", "2", "--train.keep_checkpoints", "2", "--train.keep_every", "4",
+                  devices=2)
     assert r.returncode == 0, r.stderr
     assert "resuming at step 20" in r.stderr
     steps = [row["step"] for row in _rows(workdir) if "loss" in row]
     assert steps == [5, 10, 15, 20, 25, 30]
     assert json.loads((workdir / "summary.json").read_text())["steps_this_run"] == 10
+    # Saved: 10, 20 (earlier run), 22, 24, 26, 28, 30. Kept: the last two (28, 30) and the multiples of 4.
+    left = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert left == [20, 24, 28, 30]
+
+
+def _samples(stdout: str, step: int = 20) -> list[str]:
+    """The texts of a `sample --num-samples N` output, each printed after a `--- sample i (step S) ---` line."""
+    parts = re.split(rf"^--- sample (\d+) \(step {step}\) ---\n", stdout, flags=re.M)
+    assert parts[0] == "" and parts[1::2] == [str(i + 1) for i in range(len(parts) // 2)], stdout
+    return [text.removesuffix("\n") for text in parts[2::2]]
 
 
 def test_eval_and_sample(run_dir):
@@ -66,6 +100,37 @@ def test_eval_and_sample(run_dir):
     again = meshforge("sample", "--workdir", run_dir, "--prompt", "ROMEO:", "--max-new-tokens", "12",
                       "--temperature", "0", devices=2)
     assert again.stdout == r.stdout  # greedy decoding is deterministic
+    # top-k 1 leaves only the most likely token: any temperature and seed then decode greedily.
+    top1 = meshforge("sample", "--workdir", run_dir, "--prompt", "ROMEO:", "--max-new-tokens", "12",
+                     "--temperature", "0.8", "--top-k", "1", "--num-samples", "2", "--seed", "3", devices=2)
+    assert top1.returncode == 0, top1.stderr
+    assert _samples(top1.stdout) == [r.stdout.removesuffix("\n")] * 2
+
+
+def test_eval_at_an_earlier_step(run_dir):
+    """--step picks an older checkpoint; its validation loss is the one training logged at that step (the run's
+    saved config evaluates the same 2 batches)."""
+    logged = {row["step"]: row["val_loss"] for row in _rows(run_dir) if "val_loss" in row}
+    r = meshforge("eval", "--workdir", run_dir, "--step", "10", devices=2)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["step"] == 10 and out["val_loss"] == pytest.approx(logged[10], abs=1e-5)
+    assert logged[10] != pytest.approx(logged[20], abs=1e-3)  # so the step really chose the checkpoint
+    r = meshforge("eval", "--workdir", run_dir, "--step", "15", devices=2)
+    assert r.returncode == 2 and "--step 15" in r.stderr and "available: 10, 20" in r.stderr, r.stderr
+
+
+def test_sampling_with_temperature_and_top_k(run_dir):
+    args = ["sample", "--workdir", run_dir, "--prompt", "ROMEO:", "--max-new-tokens", "12", "--temperature", "0.8"]
+    first = meshforge(*args, "--top-k", "5", "--num-samples", "2", "--seed", "1", devices=2)
+    assert first.returncode == 0, first.stderr
+    samples = _samples(first.stdout)
+    assert len(samples) == 2 and all(s.startswith("ROMEO:") and len(s) == len("ROMEO:") + 12 for s in samples)
+    assert samples[0] != samples[1]  # each sample draws its own tokens
+    again = meshforge(*args, "--top-k", "5", "--num-samples", "2", "--seed", "1", devices=2)
+    assert again.stdout == first.stdout  # the same seed, the same samples
+    other = meshforge(*args, "--top-k", "5", "--num-samples", "2", "--seed", "2", devices=2)
+    assert other.returncode == 0 and _samples(other.stdout) != samples  # the seed is used
 
 
 BAD = {
@@ -76,6 +141,8 @@ BAD = {
     "missing data file": (["--data.path", "/no/such/corpus.txt"], "data.path"),
     "step too big for memory": (["--train.batch_size", "2048", "--train.seq_len", "2048"], "GiB of host memory"),
 }
+if jax.default_backend() != "gpu":
+    BAD["cudnn attention off a GPU"] = (["--model.attention_impl", "cudnn"], "model.attention_impl")
 
 
 @pytest.mark.parametrize("case", BAD)

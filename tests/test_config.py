@@ -1,4 +1,4 @@
-"""Config overrides: types, allowed values, unknown keys with suggestions, experiment loading."""
+"""Config overrides: types, allowed values, unknown keys with suggestions, experiment loading; launch settings."""
 import dataclasses
 
 import pytest
@@ -72,3 +72,31 @@ def test_bad_mesh_sizes_are_user_errors(sizes):
     overrides = {f"mesh.{k}": str(v) for k, v in sizes.items()}
     with pytest.raises(UserError, match="mesh"):
         apply_overrides(Config(), overrides)
+
+
+LAUNCH_ENV = ("MESHFORGE_COORDINATOR", "MESHFORGE_NUM_PROCESSES", "MESHFORGE_PROCESS_ID")
+
+
+def test_launch_from_environment_variables(monkeypatch):
+    """`train`'s --coordinator/--num-processes/--process-id, or MESHFORGE_COORDINATOR/NUM_PROCESSES/PROCESS_ID."""
+    from parallel.mesh import Launch, resolve_launch
+
+    for name in LAUNCH_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert resolve_launch(None, None, None) == Launch(None, 1, 0)  # one process
+    for name, value in zip(LAUNCH_ENV, ("10.0.0.1:1234", "4", "2")):
+        monkeypatch.setenv(name, value)
+    assert resolve_launch(None, None, None) == Launch("10.0.0.1:1234", 4, 2)
+    assert resolve_launch("host:99", 8, 0) == Launch("host:99", 8, 0)  # flags win, process 0 included
+    monkeypatch.setenv("MESHFORGE_PROCESS_ID", "4")
+    with pytest.raises(UserError, match=r"process-id must be in \[0, 4\), got 4"):
+        resolve_launch(None, None, None)
+    monkeypatch.setenv("MESHFORGE_NUM_PROCESSES", "two")
+    with pytest.raises(UserError, match="MESHFORGE_NUM_PROCESSES: expects an integer, got 'two'"):
+        resolve_launch(None, None, None)
+    monkeypatch.delenv("MESHFORGE_NUM_PROCESSES")
+    with pytest.raises(UserError, match="--coordinator needs --num-processes"):
+        resolve_launch(None, None, None)
+    monkeypatch.delenv("MESHFORGE_COORDINATOR")
+    with pytest.raises(UserError, match="need --coordinator"):
+        resolve_launch(None, None, None)  # MESHFORGE_PROCESS_ID=4 alone

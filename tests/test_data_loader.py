@@ -131,7 +131,9 @@ def test_eval_batches_cover_each_validation_window_once(corpus, cache):
     got = list(pipe.eval_batches(B, np.arange(B)))
     assert len(got) == -(-total // B)
     live_rows = sum(int((b["weights"].sum(1) > 0).sum()) for b in got)
-    assert live_rows <= total and got[-1]["weights"][total % B or B:].sum() == 0
+    assert live_rows == total and got[-1]["weights"][total % B or B:].sum() == 0  # each window once, padding 0
+    windows = np.concatenate([s.val_windows(np.arange(s.n_val)).tokens[:, :T] for s in pipe.sources])
+    np.testing.assert_array_equal(np.concatenate([b["inputs"] for b in got])[:total], windows)  # in source order
     again = list(pipe.eval_batches(B, np.arange(B)))
-    assert all(batches_equal(x, y) for x, y in zip(got, again))  # the same every evaluation
+    assert len(again) == len(got) and all(batches_equal(x, y) for x, y in zip(got, again))  # the same every time
     assert len(list(pipe.eval_batches(B, np.arange(B), max_batches=2))) == 2

@@ -76,18 +76,27 @@ def test_remat_keeps_gradients(remat):
 
 
 def test_attention_matches_a_plain_softmax_reference():
-    """jax.nn.dot_product_attention (is_causal plus the document mask) equals masked softmax attention by hand,
-    for each selectable implementation that runs here."""
-    from models.attention import segment_mask
+    """models.attention.Attention (is_causal plus the document mask, grouped-query heads) equals masked softmax
+    attention by hand, for each selectable implementation that runs here: "xla", and "auto" as the module
+    resolves it with pick_implementation (XLA in float32 on every backend; cuDNN is tested on a GPU below)."""
+    from models.attention import Attention, pick_implementation, segment_mask
 
-    q, k, v = (jax.random.normal(jax.random.key(i), (2, 8, 4, 16)) for i in range(3))
+    B, T, D, N, K = 2, 8, 64, 4, 2
+    H = D // N
+    x = jax.random.normal(jax.random.key(0), (B, T, D))
     seg = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 0]])
-    scores = jnp.einsum("btnh,bsnh->bnts", q, k) / 4.0
-    allowed = jnp.tril(jnp.ones((8, 8), bool))[None, None] & segment_mask(seg)
-    ref = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(jnp.where(allowed, scores, -jnp.inf), -1), v)
-    for impl in ("xla", None):  # None is the config's "auto"
-        out = jax.nn.dot_product_attention(q, k, v, mask=segment_mask(seg), is_causal=True, implementation=impl)
-        np.testing.assert_allclose(out, ref, atol=1e-5)
+    allowed = jnp.tril(jnp.ones((T, T), bool))[None, None] & segment_mask(seg)
+    for impl in ("xla", "auto"):
+        attn = Attention(D, N, K, use_bias=False, init_std=0.3, out_std=0.3, implementation=impl, dtype=jnp.float32,
+                         rngs=nnx.Rngs(1))
+        assert attn.implementation == pick_implementation(impl, jnp.float32, H) == "xla"
+        q = jnp.einsum("btd,dnh->btnh", x, attn.wq_DNH[...])
+        kv = jnp.einsum("btd,dskh->btskh", x, attn.wkv_D2KH[...])
+        k, v = (jnp.repeat(kv[:, :, i], N // K, axis=2) for i in (0, 1))  # query head n reads kv head n // (N/K)
+        scores = jnp.einsum("btnh,bsnh->bnts", q, k) / jnp.sqrt(H)
+        ref = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(jnp.where(allowed, scores, -jnp.inf), -1), v)
+        ref = jnp.einsum("btnh,nhd->btd", ref, attn.wo_NHD[...])
+        np.testing.assert_allclose(attn(x, segment_mask(seg), None), ref, atol=1e-5)
 
 
 def test_attention_impl_auto_runs_and_matches_xla():
@@ -95,9 +104,14 @@ def test_attention_impl_auto_runs_and_matches_xla():
 
     toks = jax.random.randint(jax.random.key(7), (2, 16), 0, 64)
     f32 = dict(dtype="float32")  # float32: "auto" is XLA on every backend, so the outputs must agree exactly
-    np.testing.assert_allclose(_model(attention_impl="auto", **f32)(toks), _model(attention_impl="xla", **f32)(toks),
-                               atol=1e-6)
+    auto = _model(attention_impl="auto", **f32)
+    np.testing.assert_allclose(auto(toks), _model(attention_impl="xla", **f32)(toks), atol=1e-6)
     on_gpu = jax.default_backend() == "gpu"
+    # What the built model's attention layers really run, not only what pick_implementation says.
+    assert {b.attn.implementation for b in auto.blocks} == {"xla"}
+    bf16 = _model(attention_impl="auto", dtype="bfloat16")  # head_dim 8: cuDNN's kernel applies on a GPU
+    assert {b.attn.implementation for b in bf16.blocks} == {"cudnn" if on_gpu else "xla"}
+    assert {b.attn.implementation for b in _model(attention_impl="xla", dtype="bfloat16").blocks} == {"xla"}
     assert pick_implementation("auto", jnp.bfloat16, 64) == ("cudnn" if on_gpu else "xla")
     assert pick_implementation("auto", jnp.float32, 64) == "xla"  # cuDNN's kernel is for 16-bit inputs
     assert pick_implementation("auto", jnp.bfloat16, 256) == "xla"

@@ -2,24 +2,17 @@
 their checkpoint restores in a single process, and they fall back together from a damaged latest checkpoint."""
 import json
 import shutil
-import socket
 import subprocess
 import sys
 
 import numpy as np
 
-from helpers import REPO, cli_env, meshforge
+from helpers import REPO, cli_env, free_port, meshforge
 
 ARGS = ["experiments/shakespeare_char.py", "--model.d_model", "32", "--model.n_layers", "1", "--model.n_heads", "2",
         "--train.seq_len", "16", "--train.batch_size", "8", "--train.steps", "10", "--train.log_every", "1",
         "--train.eval_every", "0", "--train.eval_batches", "2", "--log.progress", "none", "--mesh.data", "1",
         "--mesh.fsdp", "4", "--train.checkpoint_every", "5"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _losses(workdir):
@@ -29,7 +22,7 @@ def _losses(workdir):
 
 def _train_two_processes(workdir) -> list[str]:
     """stderr of each process; both must succeed."""
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "train.cli", "train", *ARGS, "--workdir", str(workdir),
                                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
                               env=cli_env(2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,7 +1,6 @@
 """Two processes (jax.distributed on CPU) each read a disjoint half of every global batch; the assembled global
 batches equal those of one process with the same seed."""
 import json
-import socket
 import subprocess
 import sys
 import textwrap
@@ -10,7 +9,7 @@ import numpy as np
 
 from data.packed import PackedPipeline
 from data_helpers import mixture, write_corpus
-from helpers import REPO, cli_env
+from helpers import REPO, cli_env, free_port
 
 B, T, STEPS = 8, 32, 6
 
@@ -44,12 +43,6 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_read_disjoint_halves_and_assemble_the_same_batches(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", n_docs=150)["txt"]
     cfg = mixture(tmp_path / "cache", corpus, objective="causal", prefetch=2)
@@ -58,7 +51,7 @@ def test_two_processes_read_disjoint_halves_and_assemble_the_same_batches(tmp_pa
 
     spec = {k: v for k, v in cfg.__dict__.items()}
     spec["sources"] = [s.__dict__ for s in cfg.sources]
-    port = _free_port()
+    port = free_port()
     env = cli_env(devices=2)
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(port), str(i), json.dumps(spec),
                                str(tmp_path / f"out{i}.json"), str(B), str(T), str(STEPS)], cwd=REPO, env=env, stdout=subprocess.PIPE,

@@ -5,14 +5,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers import cli_env, meshforge, tree_digest, REPO
+from helpers import meshforge, start_meshforge, tree_digest
 
 EXPERIMENT = "experiments/shakespeare_char.py"
 TINY = ["--model.d_model", "32", "--model.n_layers", "1", "--model.n_heads", "2", "--train.seq_len", "16",
@@ -42,25 +41,27 @@ def assert_trees_equal(a, b):
 
 
 def run_with_faults(args, faults):
-    env = {**cli_env(2), "MESHFORGE_FAULTS": faults}
-    return subprocess.run([sys.executable, "-m", "train.cli", *map(str, args)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    return meshforge(*args, devices=2, env={"MESHFORGE_FAULTS": faults})
+
+
+def run60(workdir) -> list:
+    """The arguments of the 60-step run, logging every step, checkpoints every 30 (of `straight` and its reruns)."""
+    return ["train", EXPERIMENT, "--workdir", workdir, "--train.steps", "60", "--train.log_every", "1",
+            "--train.checkpoint_every", "30", *TINY]
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """An uninterrupted 60-step run, logging every step, checkpoints every 30."""
     workdir = tmp_path_factory.mktemp("straight") / "run"
-    r = meshforge("train", EXPERIMENT, "--workdir", workdir, "--train.steps", "60", "--train.log_every", "1",
-                  "--train.checkpoint_every", "30", *TINY, devices=2)
+    r = meshforge(*run60(workdir), devices=2)
     assert r.returncode == 0, r.stderr
     return workdir
 
 
 def test_sigkill_then_resume_is_bitwise_identical(straight, tmp_path):
     workdir = tmp_path / "killed"
-    args = ["train", EXPERIMENT, "--workdir", workdir, "--train.steps", "60", "--train.log_every", "1",
-            "--train.checkpoint_every", "30", *TINY]
+    args = run60(workdir)
     r = run_with_faults(args, "kill_at_step=34")
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert not (workdir / "summary.json").exists()
@@ -76,22 +77,21 @@ def test_sigkill_then_resume_is_bitwise_identical(straight, tmp_path):
 def test_kill_during_a_checkpoint_write_never_resumes_from_it(straight, tmp_path):
     """Killed right after the save at step 30 began: a half-written checkpoint is never picked up."""
     workdir = tmp_path / "killed_hard"
-    args = ["train", EXPERIMENT, "--workdir", workdir, "--train.steps", "60", "--train.log_every", "1",
-            "--train.checkpoint_every", "30", *TINY]
+    args = run60(workdir)
     r = run_with_faults(args, "kill_hard_at_step=31")
     assert r.returncode == -signal.SIGKILL, r.stderr
+    # Orbax writes into a temporary folder and renames it to checkpoints/30 only once the save is complete.
+    committed = sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert committed in ([], ["30"]), committed
     r = meshforge(*args, devices=2)
     assert r.returncode == 0, r.stderr
-    assert "resuming at step 30" in r.stderr or "new run" in r.stderr
+    if committed:  # the save finished before the kill: it must be used
+        assert "resuming at step 30" in r.stderr and "new run" not in r.stderr, r.stderr
+    else:  # only a half-written save: never picked up, the run starts over
+        assert "new run" in r.stderr and "resuming at" not in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert losses(workdir) == losses(straight)
     assert_trees_equal(final_params(workdir, 60), final_params(straight, 60))
-
-
-def _start(args, devices=2, env_extra=None):
-    env = {**cli_env(devices), **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "train.cli", *map(str, args)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for_metrics(workdir, proc, n=3, timeout=180):
@@ -109,7 +109,7 @@ def test_sigterm_checkpoints_exits_0_and_resumes_exactly(tmp_path):
     workdir = tmp_path / "preempted"
     args = ["train", EXPERIMENT, "--workdir", workdir, "--train.steps", "100000", "--train.log_every", "1",
             "--train.checkpoint_every", "0", "--train.preempt_grace_s", "60", *TINY]
-    proc = _start(args)
+    proc = start_meshforge(*args, devices=2)
     _wait_for_metrics(workdir, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=90)
@@ -158,8 +158,7 @@ def test_corrupt_latest_checkpoint_falls_back(straight, tmp_path, damage):
     else:
         for p in (workdir / "checkpoints" / "60" / "state").rglob("manifest.ocdbt"):
             p.unlink()
-    r = meshforge("train", EXPERIMENT, "--workdir", workdir, "--train.steps", "60", "--train.log_every", "1",
-                  "--train.checkpoint_every", "30", *TINY, devices=2)
+    r = meshforge(*run60(workdir), devices=2)
     assert r.returncode == 0, r.stderr
     warnings = [ln for ln in r.stderr.splitlines() if "warning" in ln]
     assert len(warnings) == 1 and "checkpoint 60 is unreadable" in warnings[0] and "from step 30" in warnings[0]
@@ -172,7 +171,7 @@ def test_second_run_on_a_workdir_is_refused(tmp_path):
     workdir = tmp_path / "locked"
     args = ["train", EXPERIMENT, "--workdir", workdir, "--train.steps", "100000", "--train.log_every", "1",
             "--train.checkpoint_every", "0", *TINY]
-    first = _start(args)
+    first = start_meshforge(*args, devices=2)
     _wait_for_metrics(workdir, first)
     second = meshforge(*args, devices=2)
     assert second.returncode == 2

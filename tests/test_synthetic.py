@@ -108,7 +108,7 @@ def _setup(tmp_path, mesh):
 
 
 @pytest.mark.parametrize("devices", [1, 4])
-def test_exact_match_uses_greedy_samples(tmp_path, devices):
+def test_exact_match_uses_greedy_samples(tmp_path, devices, monkeypatch):
     """The evaluator's batched decode writes what train/sample.py's greedy decoding writes, and scores it exactly."""
     from parallel.rules import activate
 
@@ -119,15 +119,28 @@ def test_exact_match_uses_greedy_samples(tmp_path, devices):
         job = evaluator.jobs[0]
         texts = evaluator.completions(params, job)
         scores = evaluator(params)
-    tok, (task, problems, buf, lengths) = setup.data.tokenizer, job[:4]
-    new_tokens = buf.shape[1] - int(lengths.max())
+    tok, task, problems = setup.data.tokenizer, job[0], job[1]
+    # The evaluator's decode window: the longest prompt plus room for the longest answer and <eos>.
+    new_tokens = max(len(a) for a in tok.encode_batch([a for _, a in problems])) + 1
+    window = max(len(p) for p in tok.encode_batch([p for p, _ in problems])) + new_tokens
     eos = tok.special_id("<eos>")
     expected = []
     for prompt, _ in problems:
         ids = tok.encode(prompt)
-        out = generate(setup.mdef, params, ids, max_new_tokens=new_tokens, window=buf.shape[1],
+        out = generate(setup.mdef, params, ids, max_new_tokens=new_tokens, window=window,
                        vocab_limit=tok.vocab_size, temperature=0.0)[0, len(ids):]
         stop = np.flatnonzero(out == eos)
         expected.append(tok.decode(out[: stop[0]] if len(stop) else out))
     assert texts == expected
     assert scores["exact_match"] == np.mean([task.check(p, t) for (p, _), t in zip(problems, texts)])
+
+    # An untrained model scores 0, which a scorer ignoring its input would match too: hand the evaluator the true
+    # answers for a known subset (wrong ones elsewhere) and check the exact score it reports.
+    right = {0, 3, 7}
+    graded = [a if i in right else _wrong(a) for i, (_, a) in enumerate(problems)]
+    assert [task.check(p, t) for (p, _), t in zip(problems, graded)] == [i in right for i in range(len(problems))]
+    seen = []
+    monkeypatch.setattr(evaluator, "completions", lambda p, j: seen.append(j) or list(graded))
+    with activate(setup.mesh):
+        assert evaluator(params) == {"exact_match": len(right) / len(problems)}  # 3 of 12
+    assert len(seen) == 1 and seen[0] is job

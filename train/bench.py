@@ -14,17 +14,15 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from data.loader import process_rows, to_global
 from models.attention import pick_implementation
 from models.transformer import compute_dtype
-from parallel.analysis import analyse
+from parallel.analysis import collectives, memory_per_device
 from parallel.errors import UserError
 from parallel.rules import activate
 from train.accounting import device_peak, matmul_params_per_token, mfu, train_flops_per_token
 from train.config import Config
-from train.setup import build
+from train.setup import build, compile_timed
 from train.state import count_params, init_state
-from train.step import make_train_step
 
 
 def bench(cfg: Config, *, steps: int = 20, warmup: int = 3, json_path: str | None = None,
@@ -34,18 +32,10 @@ def bench(cfg: Config, *, steps: int = 20, warmup: int = 3, json_path: str | Non
     setup = build(cfg)
     cfg, tc = setup.cfg, setup.cfg.train
     with activate(setup.mesh):
-        train_step = make_train_step(setup.mdef, setup.tx, setup.schedule, accum_steps=cfg.optim.accum_steps,
-                                     seed=tc.seed, state_shardings=setup.shardings,
-                                     batch_sharding=setup.batch_sharding)
         state = init_state(setup.tx, setup.mdef, setup.shardings, tc.seed)
-        rows = process_rows(setup.batch_sharding, tc.batch_size)
-        batch = lambda s: to_global(setup.data.train_batch(s, rows), setup.batch_sharding, tc.batch_size)  # noqa: E731
-
+        batch = setup.batch_fn()
         next_batch = batch(0)
-        t0 = time.perf_counter()
-        compiled = train_step.lower(state, next_batch).compile()
-        compile_s = time.perf_counter() - t0
-        analysis = analyse(compiled)
+        compiled, compile_s = compile_timed(setup.train_step(), state, next_batch)
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
 
@@ -99,8 +89,8 @@ def bench(cfg: Config, *, steps: int = 20, warmup: int = 3, json_path: str | Non
         "peak_tflops_per_device": peak / 1e12 if peak else None,
         "peak_source": peak_source,
         "mfu": mfu(tokens_per_s, model_flops, peak, n_dev),
-        "memory_per_device": analysis["memory"],
-        "collectives": analysis["collectives"],
+        "memory_per_device": memory_per_device(compiled),
+        "collectives": collectives(compiled.as_text()),
     }
     if show:
         print_table(result)

@@ -43,17 +43,15 @@ def bench_data(cfg: Config, seconds: float = 3.0) -> dict:
     out = {"experiment": cfg.name, "mode": cfg.data.mode, "objective": cfg.data.objective,
            "tokenizer": f"{data.tokenizer.kind} ({data.tokenizer.vocab_size} ids)", "batch_rows": int(len(rows)),
            "seq_len": tc.seq_len, "pipeline_start_s": round(start_s, 3)}
-    if hasattr(data, "host_batch"):
-        rate, n = _rate(lambda s: data.host_batch(s, rows), tokens, seconds)
-        out["loader_tokens_per_s_no_prefetch"] = round(rate)
+    rate, n = _rate(lambda s: data.host_batch(s, rows), tokens, seconds)
+    out["loader_tokens_per_s_no_prefetch"] = round(rate)
     rate, n = _rate(lambda s: data.train_batch(s, rows), tokens, seconds)
     out["loader_tokens_per_s"] = round(rate)
     out["batches_timed"] = n
     out["ms_per_batch"] = round(1000 * tokens / rate, 4)
     rate, _ = _rate(lambda s: to_global(data.train_batch(s, rows), sharding, tc.batch_size), tokens, seconds)
     out["to_device_tokens_per_s"] = round(rate)
-    if hasattr(data, "close"):
-        data.close()
+    data.close()
     return out
 
 

@@ -22,16 +22,19 @@ from parallel.hosts import barrier, processes_where
 
 
 class Checkpointer:
-    def __init__(self, directory: Path, keep: int, keep_every: int = 0):
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            keep_period=keep_every or None,
-            enable_async_checkpointing=True,
-            create=True,
-            cleanup_tmp_directories=True,  # half-written saves of a killed run are never picked up
-        )
+    def __init__(self, directory: Path, keep: int = 3, keep_every: int = 0, read_only: bool = False):
+        """read_only: for eval and sample, which may run beside a training run on the same workdir; a writing
+        manager would clean up the half-written save that run is making."""
         self.directory = Path(directory).absolute()
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extra"))
+        self.manager = None if read_only else ocp.CheckpointManager(
+            self.directory, item_names=("state", "extra"),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                keep_period=keep_every or None,
+                enable_async_checkpointing=True,
+                create=True,
+                cleanup_tmp_directories=True,  # half-written saves of a killed run are never picked up
+            ))
         # Restores go through a read-only manager local to this process: Orbax's multi-process restore ends in a
         # collective barrier, which a process whose shard failed to read never reaches, leaving the others
         # blocked in it. Locally each process reads the shards its devices need and no process waits on another;
@@ -43,10 +46,10 @@ class Checkpointer:
                                                                                  multiprocessing_options=local))
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        return (self.manager or self.reader).latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
+        return list((self.manager or self.reader).all_steps())
 
     def save(self, step: int, state: Any, extra: dict, force: bool = True) -> None:
         """Start an async save; the training loop continues while Orbax writes."""
@@ -73,10 +76,9 @@ class Checkpointer:
         for step in sorted(self.all_steps(), reverse=True):
             error = None
             try:
-                with _quiet_async_leftovers():
-                    state, extra = self.restore(step, target)
-            except Exception as e:  # noqa: BLE001 - any read failure of one checkpoint means: try the previous
-                error = _first_line(e)
+                state, extra = self.restore_quietly(step, target)
+            except RuntimeError as e:  # any read failure of one checkpoint means: try the previous
+                error = str(e)
             # Each process reads only the shards its devices hold: one damaged shard fails one process, and all
             # of them must then give up on that checkpoint together.
             bad_on = processes_where(error is not None)
@@ -101,19 +103,22 @@ class Checkpointer:
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(self.directory / str(step)), dest)
         barrier(f"quarantine-{step}")
-        self.manager.reload()
-        self.reader.reload()
+        for manager in (self.manager, self.reader):
+            if manager:
+                manager.reload()
         return dest
 
     def restore_extra(self, step: int) -> dict:
         return dict(self.reader.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        if self.manager:
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
-        self.reader.close()
+        for manager in (self.manager, self.reader):
+            if manager:
+                manager.close()
 
 
 @contextlib.contextmanager
@@ -132,6 +137,14 @@ def _quiet_async_leftovers():
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+
+
+def latest_committed_step(directory: Path) -> int | None:
+    """The newest checkpoint whose save finished, read from the files alone (no Orbax manager: used when the
+    disk has failed)."""
+    steps = [int(p.name) for p in Path(directory).glob("*")
+             if p.name.isdigit() and (p / "commit_success.txt").exists()]
+    return max(steps, default=None)
 
 
 def has_checkpoints(directory: Path) -> bool:

@@ -139,16 +139,17 @@ def run(verb: str, argv: list[str]) -> int:
         with activate(setup.mesh):
             eval_step = make_eval_step(setup.mdef, setup.shardings["params"], setup.batch_sharding)
             val_loss = evaluate(setup, params, eval_step, setup.cfg.train.eval_batches)
-            tasks = {}
-            if setup.data.tasks and setup.cfg.model.causal and setup.cfg.data.eval_problems:
-                from train.task_eval import TaskEvaluator
+            from train.task_eval import task_evaluator
 
-                tasks = {k: round(v, 6) for k, v in TaskEvaluator(setup)(params).items()}
-        loss = round(val_loss, 6) if math.isfinite(val_loss) else None
+            task_eval = task_evaluator(setup)
+            tasks = {k: round(v, 6) for k, v in task_eval(params).items()} if task_eval else {}
+        from train.metrics import json_value
+
+        loss = json_value(round(val_loss, 6))
         print(json.dumps({"step": step, "val_loss": loss, **tasks, "workdir": str(workdir)}))
         return 0
 
-    from parallel.mesh import batch_divisor
+    from parallel.mesh import padded_rows
     from train.sample import generate
 
     if not setup.cfg.model.causal:
@@ -161,8 +162,7 @@ def run(verb: str, argv: list[str]) -> int:
     prompt = setup.data.tokenizer.encode(args.prompt)
     if len(prompt) == 0:
         raise UserError("--prompt: give at least one character")
-    div = batch_divisor(setup.mesh)
-    n = -(-args.num_samples // div) * div  # whole rows per device; extra samples are dropped
+    n = padded_rows(setup.mesh, args.num_samples)  # extra samples are dropped
     out = generate(setup.mdef, params, prompt, max_new_tokens=args.max_new_tokens, window=setup.cfg.train.seq_len,
                    vocab_limit=setup.data.tokenizer.vocab_size, temperature=args.temperature, top_k=args.top_k,
                    seed=args.seed, num_samples=n)

@@ -21,21 +21,21 @@ from data.loader import process_rows, to_global
 from data.tokenize import save_tokenizer
 from optim.chains import nonfinite_counts
 from parallel.errors import UserError
-from parallel.hosts import any_process, barrier
+from parallel.hosts import agree, any_process, barrier
 from parallel.analysis import memory_per_device
-from parallel.mesh import batch_divisor
+from parallel.mesh import padded_rows
 from parallel.rules import activate
 from train.accounting import device_peak, mfu, train_flops_per_token
-from train.checkpoint import Checkpointer, has_checkpoints
+from train.checkpoint import Checkpointer, has_checkpoints, latest_committed_step
 from train.config import Config
 from train.faults import Faults
 from train.health import Health
-from train.metrics import MetricsWriter, Progress
+from train.metrics import MetricsWriter, Progress, json_value
 from train.preemption import PreemptionGuard
-from train.setup import Setup, build, check_resumable
+from train.setup import Setup, build, check_resumable, compile_timed
 from train.state import abstract_state, count_params, init_state
-from train.step import make_eval_step, make_train_step
-from train.task_eval import TaskEvaluator
+from train.step import make_eval_step
+from train.task_eval import task_evaluator
 from train.workdir import RunLock, archive_run, ensure_writable, is_storage_failure, storage_error
 
 
@@ -43,8 +43,7 @@ def evaluate(setup: Setup, params, eval_step, max_batches: int = 0) -> float:
     """Mean loss over the validation split (the whole split unless max_batches > 0)."""
     cfg = setup.cfg.train
     bs = setup.batch_sharding
-    div = batch_divisor(setup.mesh)
-    batch_size = -(-cfg.eval_batch_size // div) * div  # padded rows have zero weight
+    batch_size = padded_rows(setup.mesh, cfg.eval_batch_size)  # padded rows have zero weight
     rows = process_rows(bs, batch_size)
     sums = []
     for host_batch in setup.data.eval_batches(batch_size, rows, max_batches):
@@ -83,19 +82,6 @@ def throttle(outputs: list) -> None:
         jax.block_until_ready(outputs[-MAX_IN_FLIGHT - 1])
 
 
-def agree(check, elsewhere: str) -> None:
-    """Run a check that may raise UserError; if it failed on any host, every host raises (one line each), so
-    no process walks into a collective that another one will never join."""
-    problem = None
-    if check is not None:
-        try:
-            check()
-        except UserError as e:
-            problem = e
-    if any_process(problem is not None):
-        raise problem or UserError(elsewhere)
-
-
 def say(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, file=sys.stderr, flush=True)
@@ -114,29 +100,24 @@ def train(cfg: Config, workdir: Path, fresh: bool = False) -> dict:
     try:
         if fresh and is_main and (moved := archive_run(workdir)):
             say(f"meshforge: --fresh: moved the earlier run in {workdir} to {moved}")
-        barrier("fresh")  # no process lists the workdir before the archive move is done
+        if fresh:
+            barrier("fresh")  # no process lists the workdir before the archive move is done
         return _train(setup, workdir, resuming)
     except Exception as e:
         if is_storage_failure(e):
-            raise storage_error(workdir, e, _committed_step(workdir / "checkpoints")) from None
+            raise storage_error(workdir, e, latest_committed_step(workdir / "checkpoints")) from None
         raise
     finally:
+        setup.data.close()  # stop the prefetch thread
         if lock:
             lock.release()
-
-
-def _committed_step(directory: Path) -> int | None:
-    steps = [int(p.name) for p in directory.glob("*") if p.name.isdigit() and (p / "commit_success.txt").exists()]
-    return max(steps, default=None)
 
 
 def _train(setup: Setup, workdir: Path, resuming: bool) -> dict:
     cfg, tc = setup.cfg, setup.cfg.train
     is_main = jax.process_index() == 0
     with activate(setup.mesh), PreemptionGuard(tc.preempt_grace_s) as preemption:
-        train_step = make_train_step(setup.mdef, setup.tx, setup.schedule, accum_steps=cfg.optim.accum_steps,
-                                     seed=tc.seed, state_shardings=setup.shardings,
-                                     batch_sharding=setup.batch_sharding)
+        train_step = setup.train_step()
         eval_step = make_eval_step(setup.mdef, setup.shardings["params"], setup.batch_sharding)
 
         ckpt = Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints, keep_every=tc.keep_every)
@@ -155,16 +136,10 @@ def _train(setup: Setup, workdir: Path, resuming: bool) -> dict:
             return json.loads(summary_path.read_text()) if summary_path.exists() else {"steps": start}
 
         faults = Faults()
-        rows = process_rows(setup.batch_sharding, tc.batch_size)
-
-        def batch(step: int) -> dict:
-            host = faults.corrupt_batch(step, setup.data.train_batch(step, rows))
-            return to_global(host, setup.batch_sharding, tc.batch_size)
-
+        batch = setup.batch_fn(edit=faults.corrupt_batch)
         t_start = time.perf_counter()
         first_batch = batch(start)
-        compiled = train_step.lower(state, first_batch).compile()
-        compile_s = time.perf_counter() - t_start
+        compiled, compile_s = compile_timed(train_step, state, first_batch)
         agree(lambda: check_fits(compiled), "the train step does not fit in memory on another host")
 
         if is_main:
@@ -209,7 +184,7 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
     progress.log(f"compiled the train step in {compile_s:.1f}s")
 
     # Synthetic tasks in the data: exact match of greedy samples on held-out problems, at every eval.
-    task_eval = TaskEvaluator(setup) if setup.data.tasks and cfg.model.causal and cfg.data.eval_problems else None
+    task_eval = task_evaluator(setup)
     task_scores: dict = {}
 
     # MFU as `meshforge bench` computes it (train/accounting.py); on CPU the peak is a ~0.2 s matmul probe.
@@ -315,8 +290,7 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
         "platform": jax.devices()[0].platform,
     }
     if is_main:
-        finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
-        (workdir / "summary.json").write_text(json.dumps(finite, indent=2))
+        (workdir / "summary.json").write_text(json.dumps({k: json_value(v) for k, v in summary.items()}, indent=2))
     progress.close()
     progress.log("done: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("name", "platform")))
     return summary
@@ -328,9 +302,9 @@ def restore_for_inference(cfg: Config, workdir: Path, step: int | None = None):
     if not has_checkpoints(workdir / "checkpoints"):
         raise UserError(f"{workdir}: no checkpoints to load; train first, or pass the run's --workdir")
     setup = build(cfg, workdir)
-    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
+    ckpt = Checkpointer(workdir / "checkpoints", read_only=True)  # a run may be saving into it right now
     steps = ckpt.all_steps()
-    step = ckpt.latest_step() if step is None else step
+    step = max(steps, default=None) if step is None else step
     if step not in steps:
         raise UserError(f"--step {step}: no such checkpoint in {workdir}; available: {', '.join(map(str, steps))}")
     with activate(setup.mesh):

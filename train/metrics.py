@@ -38,7 +38,7 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        row = {"step": int(step), **{k: json_value(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
@@ -55,7 +55,8 @@ class MetricsWriter:
                 pass  # the disk filled up: the failure is reported once, by the loop
 
 
-def _plain(v):
+def json_value(v):
+    """A plain Python value for JSON: arrays' scalars unwrapped, NaN/inf as None."""
     v = v.item() if hasattr(v, "item") else v
     if isinstance(v, float):
         return v if math.isfinite(v) else None  # full precision: resumed runs are compared exactly; no NaN in JSON

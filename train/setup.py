@@ -7,18 +7,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from data.loader import process_rows, to_global
 from data.pipeline import Pipeline, build_pipeline
+from models.attention import why_not_cudnn
+from models.transformer import compute_dtype
 from optim.chains import build_optimizer
 from parallel.errors import UserError
 from parallel.mesh import batch_divisor, batch_sharding, make_mesh
 from train.config import Config
 from train.state import ModelDef, State, model_def, state_shardings
+from train.step import make_train_step
 
 VOCAB_MULTIPLE = 64  # padded vocabularies shard evenly over tensor axes and keep matmul shapes aligned
 
@@ -34,16 +40,40 @@ class Setup:
     shardings: State
     batch_sharding: NamedSharding
 
+    def train_step(self):
+        """The jitted train step with this run's shardings (train and bench run this one)."""
+        cfg = self.cfg
+        return make_train_step(self.mdef, self.tx, self.schedule, accum_steps=cfg.optim.accum_steps,
+                               seed=cfg.train.seed, state_shardings=self.shardings,
+                               batch_sharding=self.batch_sharding)
+
+    def batch_fn(self, edit: Callable[[int, dict], dict] | None = None) -> Callable[[int], dict]:
+        """step -> the global train batch of that step, this host reading only its rows (`edit` may change the
+        host rows first: fault injection)."""
+        size, sharding = self.cfg.train.batch_size, self.batch_sharding
+        rows = process_rows(sharding, size)
+
+        def batch(step: int) -> dict:
+            host = self.data.train_batch(step, rows)
+            return to_global(edit(step, host) if edit else host, sharding, size)
+
+        return batch
+
+
+def compile_timed(jitted, *args):
+    """(compiled, seconds): ahead-of-time compilation, so the first timed call is not the compile."""
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
 
 def resolve_model(cfg: Config, vocab_size: int) -> Config:
     m = cfg.model
     if m.dtype == "auto":  # record the compute dtype this platform gets (config.json, bench, MFU peak)
-        m = dataclasses.replace(m, dtype="float32" if jax.default_backend() == "cpu" else "bfloat16")
-    if m.attention_impl == "cudnn" and jax.default_backend() != "gpu":
-        raise UserError(f"model.attention_impl: cudnn runs on NVIDIA GPUs only, this run is on "
-                        f"{jax.default_backend()}; use auto (cuDNN where it can) or xla")
-    if m.attention_impl == "cudnn" and m.dtype == "float32":
-        raise UserError("model.attention_impl: cudnn needs model.dtype bfloat16; use auto or xla for float32")
+        m = dataclasses.replace(m, dtype=jnp.dtype(compute_dtype("auto")).name)
+    # attention_impl "auto" stays in the config: each platform that loads the run resolves it for itself.
+    if m.attention_impl == "cudnn" and (why := why_not_cudnn(compute_dtype(m.dtype), m.d_model // m.n_heads)):
+        raise UserError(f"model.attention_impl: {why}; use auto (cuDNN where it can) or xla")
     if m.vocab_size == 0:
         m = dataclasses.replace(m, vocab_size=-(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
     elif m.vocab_size < vocab_size:

@@ -7,15 +7,17 @@ tail), like train/sample.py, with the batch sharded as in training so it works o
 """
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from data.loader import process_rows
 from data.synthetic import eval_problems
-from parallel.mesh import batch_divisor
+from parallel.hosts import gather
+from parallel.mesh import padded_rows
 from train.setup import Setup
 
 
@@ -40,6 +42,23 @@ def make_greedy_decode(mdef, vocab_limit: int, new_tokens: int, param_shardings,
                    out_shardings=batch_sharding), lengths_sharding
 
 
+def task_evaluator(setup: Setup) -> "TaskEvaluator | None":
+    """The evaluator for the run's synthetic tasks; None when there is nothing to score (no tasks, a
+    bidirectional model that cannot generate, or data.eval_problems 0)."""
+    if setup.data.tasks and setup.cfg.model.causal and setup.cfg.data.eval_problems:
+        return TaskEvaluator(setup)
+    return None
+
+
+class _Job(NamedTuple):
+    task: Any
+    problems: list[tuple[str, str]]
+    lengths: np.ndarray  # prompt length of each row (host copy, to cut the completions)
+    decode: Any  # the jitted greedy decoder
+    buf: jax.Array  # prompts, left-aligned and padded, as a global batch (built once: they never change)
+    lengths_g: jax.Array
+
+
 class TaskEvaluator:
     """Call with the params: {'exact_match': mean over tasks, 'exact_match_<task>' when there are several}."""
 
@@ -47,8 +66,6 @@ class TaskEvaluator:
         data, tok = setup.data, setup.data.tokenizer
         self.tasks, self.tokenizer = list(data.tasks), tok
         self.eos = tok.special_id("<eos>")
-        self.batch_sharding = setup.batch_sharding
-        div = batch_divisor(setup.mesh)
         n = setup.cfg.data.eval_problems
         self.jobs = []
         for task in self.tasks:
@@ -56,24 +73,23 @@ class TaskEvaluator:
             prompts = tok.encode_batch([p for p, _ in problems])
             new_tokens = max(len(a) for a in tok.encode_batch([a for _, a in problems])) + 1  # + <eos>
             width = max(len(p) for p in prompts) + new_tokens
-            rows = -(-len(problems) // div) * div  # whole rows per device; extra rows repeat problem 0
+            rows = padded_rows(setup.mesh, len(problems))  # extra rows repeat problem 0
             buf = np.full((rows, width), tok.special_id("<pad>"), np.int32)
-            lengths = np.full(rows, len(prompts[0]), np.int32)
+            lengths = np.empty(rows, np.int32)
             for i in range(rows):
                 p = prompts[i if i < len(prompts) else 0]
                 buf[i, : len(p)], lengths[i] = p, len(p)
             decode, lengths_sharding = make_greedy_decode(setup.mdef, tok.vocab_size, new_tokens,
                                                           setup.shardings["params"], setup.batch_sharding)
-            self.jobs.append((task, problems, buf, lengths, decode, lengths_sharding))
+            mine = process_rows(setup.batch_sharding, rows)
+            buf_g = jax.make_array_from_process_local_data(setup.batch_sharding, buf[mine], buf.shape)
+            len_g = jax.make_array_from_process_local_data(lengths_sharding, lengths[mine], lengths.shape)
+            self.jobs.append(_Job(task, problems, lengths, decode, buf_g, len_g))
 
-    def completions(self, params, job) -> list[str]:
-        task, problems, buf, lengths, decode, lengths_sharding = job
-        rows = process_rows(self.batch_sharding, len(buf))
-        buf_g = jax.make_array_from_process_local_data(self.batch_sharding, buf[rows], buf.shape)
-        len_g = jax.make_array_from_process_local_data(lengths_sharding, lengths[rows], lengths.shape)
-        out = np.asarray(multihost_utils.process_allgather(decode(params, buf_g, len_g), tiled=True))
-        texts = []
-        for i in range(len(problems)):
+    def completions(self, params, job: _Job) -> list[str]:
+        out = gather(job.decode(params, job.buf, job.lengths_g))
+        lengths, texts = job.lengths, []
+        for i in range(len(job.problems)):
             new = out[i, lengths[i]:]
             stop = np.flatnonzero(new == self.eos)
             texts.append(self.tokenizer.decode(new[: stop[0]] if len(stop) else new))
@@ -82,7 +98,7 @@ class TaskEvaluator:
     def __call__(self, params) -> dict[str, float]:
         scores = {}
         for i, job in enumerate(self.jobs):
-            task, problems = job[0], job[1]
+            task, problems = job.task, job.problems
             texts = self.completions(params, job)
             name = task.name if task.name not in scores else f"{task.name}_{i}"
             scores[name] = float(np.mean([task.check(p, c) for (p, _), c in zip(problems, texts)]))
