@@ -102,13 +102,62 @@ def stored_as(tx: optax.GradientTransformation, dtype) -> optax.GradientTransfor
     return optax.GradientTransformation(init, update)
 
 
-def build_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+# Leading logical axes that stack independent tensors in one leaf: the layers of a scanned model, the experts of an
+# MoE block. LAMB's trust ratio belongs to each tensor, so it is taken per slice over these axes.
+STACKED_AXES = ("layers", "expert")
+
+
+def stacked_dims(logical_axes: Any) -> Any:
+    """Per leaf of a pytree of logical-axis tuples, how many leading axes are in STACKED_AXES."""
+
+    def count(axes: tuple) -> int:
+        n = 0
+        while n < len(axes) and axes[n] in STACKED_AXES:
+            n += 1
+        return n
+
+    return jax.tree.map(count, logical_axes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def scale_by_stacked_trust_ratio(stacked: Any) -> optax.GradientTransformation:
+    """optax.scale_by_trust_ratio with one ratio per slice over each leaf's first `stacked` axes (a pytree of ints
+    like the params), so a scanned (L, ...) leaf or an (E, ...) expert leaf updates as L or E separate tensors."""
+
+    def scale(update, param, n: int):
+        axes = tuple(range(n, update.ndim))
+        # Norms in float32 whatever the parameters' dtype: a bfloat16 sum of squares loses the ratio.
+        p_norm = jnp.sqrt(jnp.sum(jnp.square(param.astype(jnp.float32)), axis=axes, keepdims=True))
+        u_norm = jnp.sqrt(jnp.sum(jnp.square(update.astype(jnp.float32)), axis=axes, keepdims=True))
+        # A zero tensor (fresh bias) or a zero update keeps ratio 1, as in the LAMB paper and optax.
+        ratio = jnp.where((p_norm == 0) | (u_norm == 0), 1.0, p_norm / jnp.where(u_norm == 0, 1.0, u_norm))
+        return (update * ratio).astype(update.dtype)
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("scale_by_stacked_trust_ratio needs the params (LAMB's trust ratio is ||p|| / ||u||)")
+        return jax.tree.map(scale, updates, params, stacked), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def build_optimizer(cfg: OptimConfig, total_steps: int,
+                    logical_axes: Any = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The whole chain and its schedule. `logical_axes` (ModelDef.logical_axes(): one tuple of names per param)
+    tells LAMB which leading axes stack layers or experts; LAMB refuses to build without it, since a per-leaf
+    trust ratio would silently be shared by all layers of a scanned model. AdamW does not need it."""
     schedule = make_schedule(cfg, total_steps)
     mask = lambda params: decay_mask(params, cfg.decay_embeddings)  # noqa: E731
     if cfg.name == "adamw":
         core = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
     else:
-        core = optax.lamb(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
+        if logical_axes is None:
+            raise ValueError("build_optimizer: LAMB needs the parameters' logical axes (ModelDef.logical_axes()) "
+                             "to give each stacked layer and expert its own trust ratio")
+        # optax.lamb's chain, with the trust ratio taken per stacked slice (same state structure as optax.lamb).
+        core = optax.chain(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+                           optax.add_decayed_weights(cfg.weight_decay, mask=mask),
+                           scale_by_stacked_trust_ratio(stacked_dims(logical_axes)),
+                           optax.scale_by_learning_rate(schedule))
     if cfg.moment_dtype != "float32":
         core = stored_as(core, jnp.dtype(cfg.moment_dtype))
     clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
@@ -120,6 +169,19 @@ def build_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientT
 def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:
     """(consecutive, total) skipped non-finite steps, from the state of build_optimizer's chain."""
     return opt_state.notfinite_count, opt_state.total_notfinite
+
+
+def schedule_count(opt_state) -> jax.Array:
+    """The step the learning-rate schedule is at: the next update applies schedule(schedule_count(opt_state)).
+
+    It counts applied updates only: a skipped non-finite step does not advance the schedule (a step that did not
+    train should not use up warm-up), so it falls behind the train step's own counter by the skipped steps.
+    """
+    is_sched = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=is_sched) if is_sched(s)]
+    if len(found) != 1:
+        raise ValueError(f"expected one learning-rate schedule in the optimizer state, found {len(found)}")
+    return found[0].count
 
 
 LossSums = Callable[[Any, dict, jax.Array], tuple[jax.Array, tuple[jax.Array, dict]]]
