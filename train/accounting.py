@@ -2,7 +2,9 @@
 
 MFU = (model FLOPs per token x tokens per second) / (peak FLOP/s per device x devices). Model FLOPs count the
 matmuls the model needs (PaLM, appendix B): 6 x active matmul parameters per token for forward + backward, plus
-12 x layers x seq_len x (heads x head_dim) for attention scores and values, the full T x T as XLA computes it.
+12 x layers x seq_len x (heads x head_dim) for attention scores and values over the full T x T, halved for a
+causal model (MaxText's convention): a query needs only the keys before it, and fused kernels (cuDNN, splash)
+skip the masked blocks, so counting the whole square would overstate MFU. Bidirectional models keep the full count.
 Recomputation under remat and MoE dispatch einsums are extra hardware work, not model FLOPs; XLA's own count
 (`cost_analysis`) includes them and is shown beside it by `bench`.
 """
@@ -48,8 +50,10 @@ def matmul_params_per_token(cfg: ModelConfig) -> int:
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Model FLOPs of one training token (forward and backward)."""
+    """Model FLOPs of one training token (forward and backward); causal attention counts half the T x T."""
     attention = 12 * cfg.n_layers * seq_len * cfg.n_heads * (cfg.d_model // cfg.n_heads)
+    if cfg.causal:
+        attention /= 2
     return 6.0 * matmul_params_per_token(cfg) + attention
 
 
