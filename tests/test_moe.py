@@ -1,5 +1,6 @@
-"""Mixture of experts: routing against a plain reference, dropped tokens, aux losses in the loss, causality, and
-expert parallelism (expert=4 x data=2 on 8 devices trains exactly like 1 device)."""
+"""Mixture of experts: routing against a plain reference, dropped tokens, aux losses in the loss, causality, what
+competes for capacity (a row's own tokens only), dispatch memory linear in tokens, and expert parallelism (expert=4 x
+data=2 on 8 devices trains exactly like 1 device, also while tokens are dropped)."""
 import dataclasses
 
 import jax
@@ -8,13 +9,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from flax.core import spmd
+from jax.sharding import NamedSharding, PartitionSpec
+
 from data.loader import process_rows, to_global
 from helpers import TINY, mesh_for, random_batches
 from models.moe import MoEMLP, capacity
 from models.transformer import Transformer
 from optim.chains import OptimConfig, build_optimizer
 from parallel.mesh import batch_sharding
-from parallel.rules import activate
+from parallel.rules import RULES, activate
 from train.state import init_state, model_def, state_shardings
 from train.step import make_train_step
 
@@ -89,6 +93,87 @@ def test_aux_losses():
     uniform = _moe_layer(2, 0.0)
     uniform.w_router_DE[...] = jnp.zeros_like(uniform.w_router_DE[...])
     np.testing.assert_allclose(uniform(x)[1]["moe_lb_loss"], 1.0, rtol=1e-6)
+
+
+def test_capacity_is_per_row_other_rows_never_change_a_row():
+    """Each batch row is its own capacity group: rewriting row 0 (whose tokens come first in the batch) leaves row 1
+    alone, even though row 0's new tokens all crowd one expert. A batch-wide capacity would drop row 1's tokens."""
+    layer = _moe_layer(1, 1.0)
+    x_GSD = jax.random.normal(jax.random.key(4), (2, 16, 16))
+    crowd_SD = jnp.tile(x_GSD[1, :1], (16, 1))  # 16 copies of one token: one expert, far beyond its 4 slots
+    y_GSD, stats = layer(x_GSD)
+    y2_GSD, stats2 = layer(x_GSD.at[0].set(crowd_SD))
+    assert stats2["moe_dropped_frac"] > stats["moe_dropped_frac"] > 0
+    np.testing.assert_array_equal(y2_GSD[1], y_GSD[1])
+    ref, _ = _reference(layer, np.asarray(x_GSD[1:]), 1, capacity(16, 4, 1, 1.0))  # row 1 alone
+    np.testing.assert_allclose(y_GSD[1], ref[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.5])
+def test_packed_neighbours_compete_for_capacity_only_from_earlier_in_the_row(capacity_factor):
+    """Two documents packed in one row (tokens 0-7, 8-15): the README's claim. Slots go in token order, so the
+    later document never changes the earlier one; the earlier one takes slots from the later one unless dropless."""
+    layer = _moe_layer(2, capacity_factor)
+    x_GSD = jax.random.normal(jax.random.key(5), (1, 16, 16))
+    y_GSD, stats = layer(x_GSD)
+    new_first = layer(x_GSD.at[0, :8].set(jnp.tile(x_GSD[0, 8:9], (8, 1))))[0]  # doc A crowds doc B's experts
+    new_second = layer(x_GSD.at[0, 8:].set(jnp.tile(x_GSD[0, :1], (8, 1))))[0]
+    np.testing.assert_array_equal(new_second[0, :8], y_GSD[0, :8])
+    if capacity_factor <= 0:
+        assert stats["moe_dropped_frac"] == 0
+        np.testing.assert_array_equal(new_first[0, 8:], y_GSD[0, 8:])
+    else:
+        assert np.abs(np.asarray(new_first[0, 8:] - y_GSD[0, 8:])).max() > 1e-3
+
+
+def test_dropless_dispatch_memory_is_linear_in_tokens():
+    """Dropless at S=4096 tokens, E=8: a one-hot (S, E, C=S) dispatch tensor alone is 4096*8*4096*4 B = 512 MiB
+    per row (and the combine tensor as much again). The layer's whole forward+backward must fit in 64 MiB of
+    temporaries, which the useful buffers (expert inputs and hidden, (E, S, 16+24) floats = 5 MiB) leave room for."""
+    layer = MoEMLP(16, 24, 8, top_k=2, capacity_factor=0.0, kind="gelu", gelu_approximate=True, init_std=0.5,
+                   out_std=0.5, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(layer)
+
+    def loss(state, x_GSD):
+        y_GSD, stats = nnx.merge(graphdef, state)(x_GSD)
+        return y_GSD.sum() + stats["moe_lb_loss"]
+
+    x_GSD = jax.ShapeDtypeStruct((1, 4096, 16), jnp.float32)
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x_GSD).compile()
+    temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
+    assert temp_mib < 64, f"dropless MoE forward+backward needs {temp_mib:.0f} MiB of temporaries at S=4096"
+
+
+def test_dropping_under_expert_parallelism_matches_one_device():
+    """Capacity 0.5 drops assignments; on expert=4 x data=2 the routing, outputs and gradients equal 1 device's,
+    and the experts' inputs move by all-to-all (not by gathering every token everywhere)."""
+    layer = _moe_layer(2, 0.5)
+    graphdef, state = nnx.split(layer)
+    x_GSD = jax.random.normal(jax.random.key(6), (8, 16, 16))
+
+    def loss(state, x_GSD):
+        y_GSD, stats = nnx.merge(graphdef, state)(x_GSD)
+        return (y_GSD**2).sum() + stats["moe_lb_loss"], (y_GSD, stats)
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    (_, (y_ref, stats_ref)), grads_ref = step(state, x_GSD)
+    assert stats_ref["moe_dropped_frac"] > 0.1
+
+    mesh = mesh_for(data=2, expert=4)
+    with activate(mesh):
+        with spmd.logical_axis_rules(RULES):
+            specs = nnx.get_partition_spec(state)
+        state_sh = jax.device_put(state, jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                                                      is_leaf=lambda s: isinstance(s, PartitionSpec)))
+        x_sh = jax.device_put(x_GSD, batch_sharding(mesh))
+        assert "all-to-all" in step.lower(state_sh, x_sh).compile().as_text()
+        (_, (y, stats)), grads = step(state_sh, x_sh)
+    assert state_sh["wi_EDIF"][...].sharding.spec[0] == "expert"
+    np.testing.assert_allclose(stats["moe_dropped_frac"], stats_ref["moe_dropped_frac"], rtol=1e-6)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+        # Summed over devices in another order: exact up to float32 rounding at the gradient's own scale.
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5 * np.abs(g_ref).max())
 
 
 def test_moe_model_is_causal_even_when_tokens_drop():
