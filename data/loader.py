@@ -1,6 +1,7 @@
 """Deterministic, resumable, per-host sharded batches.
 
-The batch for step s is a pure function of (seed, s): resuming at step N costs nothing, and every host derives
+The batch for step s is a pure function of (seed, its sample positions s x batch size + row, counted from the
+last restore): resuming at step N costs nothing, even at another batch size, and every host derives
 the same global batch plan but reads and transfers only the rows its own devices hold. Global `jax.Array`s are
 assembled from those local rows with `jax.make_array_from_process_local_data`.
 
@@ -40,20 +41,37 @@ def to_global(host_batch: Batch, sharding: NamedSharding, global_batch: int) -> 
 
 
 class WindowLoader:
-    """Random windows of seq_len + 1 tokens from one token stream (the next-token objective on plain text)."""
+    """Random windows of seq_len + 1 tokens from one token stream (the next-token objective on plain text).
+
+    Sample position p (step x batch size + row, counted from the last restore) starts at a window drawn from
+    (seed, p) alone, as in the packed pipeline: a resume at another batch size reads on from the samples drawn.
+    """
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int):
         if len(tokens) < seq_len + 2:
             raise UserError(f"train.seq_len: {seq_len} is longer than the training split ({len(tokens)} tokens); "
                             "use a shorter sequence or a larger corpus")
         self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
+        self.base_step, self.base_position = 0, 0
 
-    def offsets(self, step: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, step])
-        return rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)
+    def position(self, step: int) -> int:
+        return self.base_position + (step - self.base_step) * self.batch_size
+
+    def offsets_at(self, positions: np.ndarray) -> np.ndarray:
+        """Window starts of these sample positions (the modulo's bias is below n / 2^64: none measurable)."""
+        n = np.uint64(len(self.tokens) - self.seq_len - 1)
+        return (hash64(self.seed, np.asarray(positions, np.int64)) % n).astype(np.int64)
+
+    def state(self, step: int) -> dict:
+        return {"step": step, "position": self.position(step), "batch_size": self.batch_size}
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint's state; an older one without a position resumes at step x batch size."""
+        if state and "position" in state:
+            self.base_step, self.base_position = int(state["step"]), int(state["position"])
 
     def host_batch(self, step: int, rows: np.ndarray) -> Batch:
-        starts = self.offsets(step)[rows]
+        starts = self.offsets_at(self.position(step) + np.asarray(rows, np.int64))
         window = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)]
         return {
             "inputs": window[:, :-1],

@@ -18,7 +18,7 @@ from data.hashing import digest
 from data.loader import Batch, MixtureSchedule, Prefetcher, eval_plan, permute
 from data.objectives import SPLIT_IDS, Objective, Windows
 from data.sources import source_kind
-from data.synthetic import Task, make_task, task_salt
+from data.synthetic import HELD_OUT_SEED, Task, make_task, task_salt
 from data.tokenize import Tokenizer, fingerprint
 from parallel.errors import UserError
 
@@ -79,7 +79,8 @@ class TaskSource:
     def _windows(self, index: np.ndarray, split: str) -> Windows:
         prompts, answers = [], []
         for i in index:
-            rng = np.random.default_rng([self.seed, self.salt, SPLIT_IDS[split], int(i)])
+            seed = self.seed if split == "train" else HELD_OUT_SEED  # one validation set for every train.seed
+            rng = np.random.default_rng([seed, self.salt, SPLIT_IDS[split], int(i)])
             for _ in range(self.per_row):
                 p, a = self.task.sample(rng, split)
                 prompts.append(p)

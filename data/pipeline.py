@@ -63,10 +63,10 @@ class TextPipeline:
         return eval_batches(self.val_ids, batch_size, self.seq_len, rows, max_batches)
 
     def state(self, step: int) -> dict:
-        return {"step": step}
+        return self.loader.state(step)
 
     def restore(self, state: dict) -> None:
-        pass  # windows are a function of (seed, step): the restored train state's step is all it needs
+        self.loader.restore(state)  # windows are a function of (seed, sample position)
 
     def close(self) -> None:
         pass  # nothing runs in the background

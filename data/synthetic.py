@@ -2,8 +2,9 @@
 
 A task turns a random generator into one (prompt, answer) pair of short ASCII strings and can check a model's
 completion of a prompt exactly. Sources name them as `synthetic:NAME?key=value&...`, e.g.
-`synthetic:addition?digits=3`. Held-out problems are fixed by a hash of the problem itself, so the training
-stream provably never contains an evaluation problem.
+`synthetic:addition?digits=3`. Held-out problems are fixed by a hash of the problem's canonical form (`a+b` and
+`b+a` are one problem, a sort task is its multiset of letters), so the training stream provably never contains an
+evaluation problem nor a trivial rewrite of one; the held-out set depends on the task alone, never on the seed.
 
 Registered: addition / arithmetic (multi-digit +, -, *), sort, reverse, copy, brackets (close a balanced-bracket
 prefix), markov (a random sparse Markov chain whose entropy rate, hence the loss floor, is known exactly).
@@ -43,12 +44,20 @@ class Task:
         """(problem key, prompt, answer) for one random problem."""
         raise NotImplementedError
 
+    def canonical(self, key: tuple) -> tuple:
+        """One representative of the problems a model would solve by knowing this one (the problem itself unless a
+        task says otherwise): the held-out split is decided on it, so such problems fall on the same side."""
+        return key
+
+    def is_held_out(self, key: tuple) -> bool:
+        return held_out(self.name, *self.canonical(key))
+
     def sample(self, rng: np.random.Generator, split: str = "train") -> tuple[str, str]:
         """One (prompt, answer) from the training problems, or from the held-out ones (split 'val')."""
         want = split != "train"
         for _ in range(MAX_DRAWS):
             key, prompt, answer = self.draw(rng)
-            if self.hold_out is False or held_out(self.name, *key) == want:
+            if self.hold_out is False or self.is_held_out(key) == want:
                 return prompt, answer
         raise UserError(f"data: task {getattr(self, 'spec', self.name)!r} has too few distinct problems to hold "
                         f"some out for evaluation (none of {MAX_DRAWS} draws was a {split} problem); "
@@ -86,6 +95,10 @@ class Arithmetic(Task):
         prompt = f"{a}{self.symbol}{b}="
         return (a, b), prompt, self.answer(prompt)
 
+    def canonical(self, key: tuple) -> tuple:
+        # + and * commute: a model that trained on b+a has seen a+b's answer. a-b and b-a differ.
+        return tuple(sorted(key)) if self.op in ("add", "mul") else key
+
     def answer(self, prompt: str) -> str:
         a, b = prompt[:-1].split(self.symbol, 1)
         result = str(self.fn(int(a), int(b)))
@@ -111,6 +124,14 @@ class Sequence(Task):
         seq = "".join(self.letters[i] for i in rng.integers(0, len(self.letters), size=n))
         prompt = f"{self.kind}:{seq}="
         return (seq,), prompt, self.answer(prompt)
+
+    def canonical(self, key: tuple) -> tuple:
+        (seq,) = key
+        if self.kind == "sort":  # every order of the same letters has one answer: the multiset is the problem
+            return ("".join(sorted(seq)),)
+        if self.kind == "reverse":  # reverse:abc=cba holds the whole of reverse:cba=abc
+            return (min(seq, seq[::-1]),)
+        return key
 
     def answer(self, prompt: str) -> str:
         seq = prompt[len(self.kind) + 1:-1]
@@ -145,6 +166,8 @@ class Brackets(Task):
             out.append(self.opens[int(rng.integers(len(self.opens)))])
         prefix = "".join(out)
         prompt = f"close:{prefix}="
+        # The canonical form is the prefix itself: two prefixes with the same unclosed brackets share an answer,
+        # but telling which brackets are unclosed is the task, so grouping them would hold out answers instead.
         return (prefix,), prompt, self.answer(prompt)
 
     def answer(self, prompt: str) -> str:
@@ -273,7 +296,10 @@ def task_salt(task: Task) -> int:
     return int.from_bytes(hashlib.blake2b(task.spec.encode(), digest_size=4).digest(), "little")
 
 
-def eval_problems(task: Task, n: int, seed: int) -> list[tuple[str, str]]:
-    """n held-out (prompt, answer) problems, the same at every evaluation and on every host."""
-    rng = np.random.default_rng([seed, task_salt(task), 7])
+HELD_OUT_SEED = 0x4E1D  # keys every held-out draw instead of train.seed, so a seed sweep shares one eval set
+
+
+def eval_problems(task: Task, n: int) -> list[tuple[str, str]]:
+    """n held-out (prompt, answer) problems, the same at every evaluation, on every host and for every seed."""
+    rng = np.random.default_rng([HELD_OUT_SEED, task_salt(task), 7])
     return [task.sample(rng, "val") for _ in range(n)]

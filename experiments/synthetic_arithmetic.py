@@ -8,9 +8,9 @@ compilation and 8 evaluations; exact_match on 256 held-out problems 0.80 / 0.97 
 1000 / 1250 / 1500 / 1750 / 2000; validation loss 1e-4 per answer token; median step 113 ms.
 
 Data: `synthetic:addition?digits=3` draws `a+b=` with a, b in 100..999 and the answer `a + b` written normally
-(most significant digit first), e.g. `865+673=1538`. 10% of all (a, b) pairs, chosen by hash, are held out:
-training never sees them and the exact-match eval draws only from them. Problems are packed 5 to a 64-token row,
-each its own document (segment), and only the answer and its end-of-document token are trained
+(most significant digit first), e.g. `865+673=1538`. 10% of all pairs {a, b} (a+b and b+a together), chosen by
+hash, are held out: training never sees them and the exact-match eval draws only from them. Problems are packed
+5 to a 64-token row, each its own document (segment), and only the answer and its end-of-document token are trained
 (data.loss_on_prompt false). At each eval the model answers the held-out prompts by greedy decoding and a
 checker compares each answer exactly (train/task_eval.py).
 

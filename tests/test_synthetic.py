@@ -9,6 +9,7 @@ from data.synthetic import REGISTRY, Markov, eval_problems, held_out, make_task
 from data.packed import PackedPipeline
 from helpers import TINY, mesh_for
 from parallel.errors import UserError
+from parallel.hosts import StepFlags
 from parallel.mesh import batch_sharding
 from train.config import Config, TrainConfig
 from train.sample import generate
@@ -50,11 +51,60 @@ def test_training_never_sees_held_out_problems():
     task = make_task("data", "synthetic:addition?digits=3")
     rng = np.random.default_rng(1)
     train = [task.sample(rng, "train")[0] for _ in range(3000)]
-    evals = [p for p, _ in eval_problems(task, 300, seed=0)]
-    key = lambda p: held_out(task.name, *map(int, p[:-1].split("+")))  # noqa: E731
+    evals = [p for p, _ in eval_problems(task, 300)]
+    key = lambda p: held_out(task.name, *sorted(map(int, p[:-1].split("+"))))  # noqa: E731
     assert not any(map(key, train)) and all(map(key, evals))
     assert not set(train) & set(evals)
-    assert evals == [p for p, _ in eval_problems(task, 300, seed=0)]  # the same problems at every eval
+    assert evals == [p for p, _ in eval_problems(task, 300)]  # the same problems at every eval
+
+
+def _canonical(prompt: str) -> tuple:
+    """A problem's canonical form, written from the task definitions (not from data/synthetic.py): problems with
+    the same form are one problem to a model (a+b and b+a; any order of the letters a sort receives; a sequence
+    and its reverse, each the other's answer)."""
+    for sym in "+*":
+        if sym in prompt:
+            a, b = prompt[:-1].split(sym)
+            return (sym, *sorted((int(a), int(b))))
+    if prompt[0].isdigit():  # subtraction does not commute: a-b and b-a are two problems
+        a, b = prompt[:-1].split("-", 1)
+        return ("-", int(a), int(b))
+    kind, seq = prompt[:-1].split(":", 1)
+    return (kind, {"sort": "".join(sorted(seq)), "reverse": min(seq, seq[::-1])}.get(kind, seq))
+
+
+# Small problem spaces, so a few thousand draws see nearly every problem and a leak cannot hide.
+SMALL = ["synthetic:addition?digits=1", "synthetic:arithmetic?op=mul&digits=1", "synthetic:arithmetic?op=sub&digits=1",
+         "synthetic:sort?max_len=4&symbols=4", "synthetic:reverse?max_len=3&symbols=4",
+         "synthetic:copy?max_len=3&symbols=4", "synthetic:brackets?max_len=5&kinds=2"]
+
+
+@pytest.mark.parametrize("spec", SMALL + [s for s in SPECS if "markov" not in s])
+def test_no_canonical_problem_is_both_trained_and_held_out(spec):
+    task = make_task("data", spec)
+    rng = np.random.default_rng(0)
+    train = {_canonical(task.sample(rng, "train")[0]) for _ in range(4000)}
+    held = {_canonical(task.sample(rng, "val")[0]) for _ in range(400)}
+    assert held and len(train) > 2 * len(held)  # both splits drawn, train the larger
+    assert not train & held, sorted(train & held)[:5]
+
+
+def test_held_out_set_does_not_depend_on_the_seed(tmp_path):
+    """A seed sweep scores every seed on the same problems: exact match and the synthetic validation rows."""
+    from parallel.rules import activate
+
+    mesh = mesh_for(data=1)
+    seen = []
+    for seed in (0, 1):
+        setup = _setup(tmp_path, mesh, seed)
+        with activate(mesh):
+            problems = TaskEvaluator(setup).jobs[0].problems
+        val = np.concatenate([b["inputs"] for b in setup.data.eval_batches(4, np.arange(4))])
+        seen.append((problems, val, setup.data.host_batch(0, np.arange(4))["inputs"]))
+    (p0, v0, t0), (p1, v1, t1) = seen
+    assert p0 == p1 and len(p0) == 12
+    np.testing.assert_array_equal(v0, v1)
+    assert not np.array_equal(t0, t1)  # training rows do follow the seed
 
 
 def test_markov_entropy_rate_matches_sampled_sequences():
@@ -93,18 +143,19 @@ def test_task_rows_pack_problems_and_train_only_answers(tmp_path):
         PackedPipeline(cfg, batch_size=4, seq_len=8, seed=0)
 
 
-def _setup(tmp_path, mesh):
+def _setup(tmp_path, mesh, seed: int = 0):
     cfg = Config(model=dataclasses.replace(TINY, vocab_size=0, max_seq_len=32),
                  data=DataConfig(mode="packed", sources=(), path="synthetic:addition?digits=2", eval_problems=12,
-                                 cache_dir=str(tmp_path), prefetch=0),
-                 train=TrainConfig(batch_size=4, seq_len=32))
-    data = PackedPipeline(cfg.data, batch_size=4, seq_len=32, seed=0)
+                                 cache_dir=str(tmp_path), prefetch=0, synthetic_val_rows=8),
+                 train=TrainConfig(batch_size=4, seq_len=32, seed=seed))
+    data = PackedPipeline(cfg.data, batch_size=4, seq_len=32, seed=seed)
     cfg = resolve_model(cfg, data.tokenizer.vocab_size)
     mdef = model_def(cfg.model)
     from optim.chains import build_optimizer
 
     tx, schedule = build_optimizer(cfg.optim, 10)
-    return Setup(cfg, mesh, data, mdef, tx, schedule, state_shardings(tx, mdef, mesh), batch_sharding(mesh))
+    return Setup(cfg, mesh, data, mdef, tx, schedule, state_shardings(tx, mdef, mesh), batch_sharding(mesh),
+                 StepFlags(mesh))
 
 
 @pytest.mark.parametrize("devices", [1, 4])

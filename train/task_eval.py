@@ -69,7 +69,7 @@ class TaskEvaluator:
         n = setup.cfg.data.eval_problems
         self.jobs = []
         for task in self.tasks:
-            problems = eval_problems(task, n, setup.cfg.train.seed)
+            problems = eval_problems(task, n)
             prompts = tok.encode_batch([p for p, _ in problems])
             new_tokens = max(len(a) for a in tok.encode_batch([a for _, a in problems])) + 1  # + <eos>
             width = max(len(p) for p in prompts) + new_tokens
