@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import gc
+import os
+import re
 import sys
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,10 @@ import orbax.checkpoint as ocp
 
 from parallel.errors import UserError
 from parallel.hosts import barrier, processes_where
+
+# Waits before the 2nd, 3rd and 4th read of a checkpoint whose storage failed (about 20 s in all: a network
+# filesystem's hiccup, a gcsfuse remount, a GCS 503 burst that TensorStore's own retries did not absorb).
+RETRY_DELAYS_S = (1.0, 4.0, 16.0)
 
 
 class Checkpointer:
@@ -70,17 +78,23 @@ class Checkpointer:
             raise RuntimeError(_first_line(e)) from None
 
     def restore_latest_valid(self, target: Any, warn: Callable[[str], None]) -> tuple[Any, dict, int]:
-        """Restore the newest readable checkpoint. Newer ones that fail to read while an older one reads fine
-        are corrupt: they are moved to WORKDIR/corrupt_checkpoints/ (never deleted) and reported in one line."""
+        """Restore the newest readable checkpoint. Newer ones whose data is damaged (see `storage_error`) while
+        an older one reads fine are moved to WORKDIR/corrupt_checkpoints/ (never deleted) and reported in one
+        line. A read that fails in the storage itself is retried (RETRY_DELAYS_S, one warning each); if it
+        keeps failing the run stops with a UserError and moves nothing: falling back would silently drop the
+        newest steps, and the next save would land beside a checkpoint that may well be intact."""
         failed: list[tuple[int, str]] = []
         for step in sorted(self.all_steps(), reverse=True):
-            error = None
-            try:
-                state, extra = self.restore_quietly(step, target)
-            except RuntimeError as e:  # any read failure of one checkpoint means: try the previous
-                error = str(e)
+            restored, error, storage = self._restore_retrying(step, target, warn)
             # Each process reads only the shards its devices hold: one damaged shard fails one process, and all
-            # of them must then give up on that checkpoint together.
+            # of them must then give up on that checkpoint together (or all stop, for a storage failure).
+            stuck_on = processes_where(storage)
+            if stuck_on:
+                reason = error if storage else f"storage failed on process {stuck_on[0]}"
+                raise UserError(f"checkpoint {step} in {self.directory} could not be read after "
+                                f"{len(RETRY_DELAYS_S) + 1} attempts ({reason}): the storage failed, not the "
+                                "checkpoint, so it was left in place; rerun when the storage is back (or move "
+                                f"checkpoints/{step} aside to resume from an older checkpoint)")
             bad_on = processes_where(error is not None)
             if bad_on:
                 failed.append((step, error or f"a shard failed to read on process {bad_on[0]}"))
@@ -88,10 +102,30 @@ class Checkpointer:
             for bad, reason in failed:
                 where = self.quarantine(bad)
                 warn(f"checkpoint {bad} is unreadable ({reason}); moved to {where}, resuming from step {step}")
+            state, extra = restored
             return state, extra, step
         step, reason = failed[0]
         raise UserError(f"no checkpoint in {self.directory} can be restored (step {step}: {reason}); if the model "
                         "or optimizer changed, use the original config or start over with --fresh")
+
+    def _restore_retrying(self, step: int, target: Any,
+                          warn: Callable[[str], None]) -> tuple[tuple[Any, dict] | None, str | None, bool]:
+        """(restored, None, False); or (None, why, storage?) once the data proved damaged or the storage
+        failed on every attempt. Local to this process: no collective waits inside the retries."""
+        for attempt, delay in enumerate((*RETRY_DELAYS_S, None), start=2):
+            try:
+                with _quiet_async_leftovers():
+                    return self.restore(step, target), None, False
+            except Exception as e:
+                storage = storage_error(e)
+                if storage is None:
+                    return None, _first_line(e), False
+                if delay is None:
+                    return None, storage, True
+                warn(f"checkpoint {step}: reading it failed in the storage ({storage}); retrying in {delay:g} s "
+                     f"(attempt {attempt} of {len(RETRY_DELAYS_S) + 1})")
+                time.sleep(delay)
+        raise AssertionError("unreachable: the last attempt returns")
 
     def quarantine(self, step: int) -> Path:
         """Move a damaged checkpoint aside. Every process found it unreadable (they read the same files), but
@@ -132,6 +166,44 @@ def _quiet_async_leftovers():
     finally:
         gc.collect()  # collect the leftovers while their reports are still muted
         sys.unraisablehook = previous
+
+
+# Which failures mean the checkpoint itself is damaged, and which mean the storage failed to read it.
+# Damaged (moved aside, never retried): bytes that do not match their index (TensorStore OUT_OF_RANGE, e.g. a
+# truncated file), a failed checksum or decode (DATA_LOSS), a file, array or directory that is missing or of the
+# wrong kind (NOT_FOUND, FileNotFoundError, ENOENT / ENOTDIR / EISDIR), metadata that does not parse
+# (JSONDecodeError), a tree that does not match the target, and anything not listed below.
+# Storage (retried, then a UserError, never moved): any other OSError from Python (timeouts, EIO, ESTALE,
+# ENOTCONN from a dead fuse mount, permissions, no space), TensorStore's status codes for service trouble, and
+# TensorStore's FAILED_PRECONDITION "[OS error: ...]" for a failed system call on a local or fuse file
+# (tensorstore/internal/os/error_code.cc maps most errnos, EIO and ETIMEDOUT included, to FAILED_PRECONDITION).
+_STORAGE_STATUS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "CANCELLED", "RESOURCE_EXHAUSTED",
+                   "PERMISSION_DENIED", "UNAUTHENTICATED")
+_MISSING_ERRNOS = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
+_TS_STATUS = re.compile(r"^([A-Z_]+): ")
+_TS_OS_ERROR = re.compile(r"\[OS error: ([^\]]+)\]")
+
+
+def storage_error(exc: BaseException) -> str | None:
+    """One line naming the storage failure behind a failed restore, or None when the checkpoint's data is at
+    fault. Orbax wraps the reader's error (in exception chains and groups): every link is looked at."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno not in _MISSING_ERRNOS:
+            return _first_line(e)
+        text = str(e)
+        status = _TS_STATUS.match(text)
+        if status and status.group(1) in _STORAGE_STATUS:
+            return _first_line(e)
+        os_error = _TS_OS_ERROR.search(text)
+        if os_error and os_error.group(1) not in {os.strerror(n) for n in _MISSING_ERRNOS}:
+            return f"{type(e).__name__}: [OS error: {os_error.group(1)}] {text[:120]}"
+        todo.extend([e.__cause__, e.__context__, *getattr(e, "exceptions", ())])
+    return None
 
 
 def _first_line(e: BaseException) -> str:
