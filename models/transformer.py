@@ -15,7 +15,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from models.attention import Attention, rope_tables, segment_mask
-from models.axes import constrain, param
+from models.axes import constrain, embedding_lookup, param
+from models.loss import head_logits
 from models.mlp import MLP
 from models.moe import MoEMLP
 
@@ -76,6 +77,9 @@ class ModelConfig:
     moe_d_ff: int = 0  # hidden width of each expert; 0: the dense MLP's width
     moe_lb_weight: float = 0.01  # load-balancing loss weight (Switch Transformer), per MoE layer
     moe_z_weight: float = 0.001  # router z-loss weight (ST-MoE), per MoE layer
+    # Tokens per device whose float32 logits the training loss holds at once (models/loss.py); 0: as many as
+    # keep one chunk under 256 MiB (2^26 / vocab_size tokens), which never chunks a small vocabulary.
+    loss_chunk: int = 0
 
     def __post_init__(self):
         kv = self.n_kv_heads or self.n_heads
@@ -90,6 +94,8 @@ class ModelConfig:
         for name in ("d_model", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"model.loss_chunk must be >= 0 (0: automatic), got {self.loss_chunk}")
         if self.moe_experts < 0 or self.moe_every < 1:
             raise ValueError("model.moe_experts must be >= 0 and model.moe_every >= 1")
         if self.moe_experts:
@@ -111,6 +117,10 @@ class ModelConfig:
         if self.mlp == "swiglu":
             return 8 * math.ceil(8 * self.d_model / 3 / 8)
         return 4 * self.d_model
+
+    @property
+    def loss_chunk_tokens(self) -> int:
+        return self.loss_chunk or max(1, 2**26 // max(self.vocab_size, 1))
 
     @property
     def expert_ff_dim(self) -> int:
@@ -250,19 +260,19 @@ class Transformer(nnx.Module):
         positions_BT: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
         return_aux: bool = False,
+        return_hidden: bool = False,
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """Float32 logits (B, T, V). Segment ids keep attention inside each packed document.
 
-        With return_aux, also a dict of MoE statistics and the weighted auxiliary loss `aux_loss` (empty for a
-        dense model); see moe_aux.
+        With return_hidden, the final normed hidden states (B, T, D) instead: the training loss turns them into
+        logits a chunk at a time with `head_weights()` (models/loss.py). With return_aux, also a dict of MoE
+        statistics and the weighted auxiliary loss `aux_loss` (empty for a dense model); see moe_aux.
         """
         cfg = self.cfg
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        # Look up in a gathered table: a gather from a table split over two mesh axes makes XLA replicate and
-        # re-split the result, which is slower than the one all-gather FSDP needs anyway.
-        x_BTD = jnp.take(constrain(self.embed_VD[...], (None, None)), tokens_BT, axis=0)
+        x_BTD = embedding_lookup(self.embed_VD[...], tokens_BT)
         if cfg.positions == "learned":
             x_BTD = x_BTD + jnp.take(self.pos_TD[...], positions_BT, axis=0)
         x_BTD = constrain(x_BTD.astype(compute_dtype(cfg.dtype)), ("batch", "length", "act_embed"))
@@ -275,11 +285,12 @@ class Transformer(nnx.Module):
         rope = rope_tables(positions_BT, cfg.d_model // cfg.n_heads, cfg.rope_theta) if cfg.positions == "rope" else None
         x_BTD, stats = self._blocks(x_BTD, mask, rope, dropout_key)
         x_BTD = self.final_norm(x_BTD)
-        head_DV = self.embed_VD[...].T if cfg.tie_embeddings else self.head_DV[...]
-        logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV.astype(x_BTD.dtype),
-                                preferred_element_type=jnp.float32)
-        logits_BTV = constrain(logits_BTV, ("batch", "length", "act_vocab"))
-        return (logits_BTV, moe_aux(cfg, stats)) if return_aux else logits_BTV
+        out = x_BTD if return_hidden else head_logits(x_BTD, self.head_weights())
+        return (out, moe_aux(cfg, stats)) if return_aux else out
+
+    def head_weights(self) -> jax.Array:
+        """The output head (D, V): the transposed embedding when tied."""
+        return self.embed_VD[...].T if self.cfg.tie_embeddings else self.head_DV[...]
 
     def _blocks(self, x_BTD, mask, rope, dropout_key) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Run the layers; returns the residual stream and the MoE layers' statistics stacked ({} if dense)."""

@@ -1,5 +1,8 @@
-"""Transformer behaviour: causality, document masking, attention, scan == loop, remat == no remat, budget."""
+"""Transformer behaviour: a NumPy forward, causality, document masking, attention, scan == loop, remat == no remat,
+the sharded embedding lookup, budget."""
 import dataclasses
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -7,12 +10,76 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import TINY
+from helpers import TINY, mesh_for
 from models.transformer import ModelConfig, Transformer, count_params
 
 
 def _model(**kw):
     return Transformer(dataclasses.replace(TINY, **kw), rngs=nnx.Rngs(0))
+
+
+def _perturbed(m, seed=0, scale=0.2):
+    """The model with every parameter moved by N(0, scale): norms' scales leave 1 and attention leaves uniform,
+    so a wrong norm, rotation or mask changes the output by much more than the tolerance."""
+    state = nnx.to_pure_dict(nnx.state(m, nnx.Param))
+    leaves, tree = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    moved = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    params = nnx.state(m, nnx.Param)
+    nnx.replace_by_pure_dict(params, jax.tree.unflatten(tree, moved))
+    nnx.update(m, params)
+    return m
+
+
+def numpy_forward(cfg: ModelConfig, params: dict, tokens_BT: np.ndarray) -> np.ndarray:
+    """Float64 logits of the dense rope / rmsnorm / gelu-tanh / tied-embedding decoder, written from the math,
+    not from the model code: x = E[tokens]; per layer x += Attn(RMSNorm(x)); x += MLP(RMSNorm(x)); logits =
+    RMSNorm(x) E^T. Attention is causal softmax(q k^T / sqrt(H)) v with rotary q, k (pairs i, i + H/2 rotated by
+    position * theta^(-2i/H)) and query head n reading key/value head n // (N / K)."""
+    assert cfg.positions == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "gelu" and cfg.tie_embeddings
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    B, T = tokens_BT.shape
+    N, K, H = cfg.n_heads, cfg.kv_heads, cfg.d_model // cfg.n_heads
+
+    def rmsnorm(x, scale):
+        return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-5) * scale
+
+    def rotate(x_BTNH):
+        freq = cfg.rope_theta ** (-np.arange(0, H, 2) / H)
+        angle = np.arange(T)[:, None] * freq  # (T, H/2)
+        cos, sin = np.cos(angle)[None, :, None], np.sin(angle)[None, :, None]
+        a, b = x_BTNH[..., : H // 2], x_BTNH[..., H // 2:]
+        return np.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
+
+    def gelu_tanh(x):
+        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+    x = p["embed_VD"][tokens_BT]
+    causal = np.tril(np.ones((T, T), bool))
+    for i in range(cfg.n_layers):
+        blk = p["blocks"][i]
+        h = rmsnorm(x, blk["attn_norm"]["scale_D"])
+        q = rotate(np.einsum("btd,dnh->btnh", h, blk["attn"]["wq_DNH"]))
+        kv = np.einsum("btd,dskh->btskh", h, blk["attn"]["wkv_D2KH"])
+        k = rotate(kv[:, :, 0])[:, :, np.arange(N) // (N // K)]
+        v = kv[:, :, 1][:, :, np.arange(N) // (N // K)]
+        s = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(H)
+        s = np.where(causal, s, -np.inf)
+        a = np.exp(s - s.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        x = x + np.einsum("bnts,bsnh,nhd->btd", a, v, blk["attn"]["wo_NHD"])
+        h = rmsnorm(x, blk["mlp_norm"]["scale_D"])
+        x = x + gelu_tanh(h @ blk["mlp"]["wi_DCF"][:, 0]) @ blk["mlp"]["wo_FD"]
+    return rmsnorm(x, p["final_norm"]["scale_D"]) @ p["embed_VD"].T
+
+
+@pytest.mark.parametrize("kw", [{}, dict(n_kv_heads=2)])
+def test_forward_matches_numpy(kw):
+    m = _perturbed(_model(dtype="float32", **kw))
+    toks = np.asarray(jax.random.randint(jax.random.key(1), (2, 16), 0, 64))
+    ref = numpy_forward(m.cfg, nnx.to_pure_dict(nnx.state(m, nnx.Param)), toks)
+    assert ref.std() > 0.5  # logits far from zero: the tolerance below is tight
+    np.testing.assert_allclose(m(toks), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_shakespeare_budget_matches_nanogpt():
@@ -103,9 +170,9 @@ def test_attention_impl_auto_runs_and_matches_xla():
     from models.attention import pick_implementation
 
     toks = jax.random.randint(jax.random.key(7), (2, 16), 0, 64)
-    f32 = dict(dtype="float32")  # float32: "auto" is XLA on every backend, so the outputs must agree exactly
-    auto = _model(attention_impl="auto", **f32)
-    np.testing.assert_allclose(auto(toks), _model(attention_impl="xla", **f32)(toks), atol=1e-6)
+    auto = _perturbed(_model(attention_impl="auto", dtype="float32"))
+    ref = numpy_forward(auto.cfg, nnx.to_pure_dict(nnx.state(auto, nnx.Param)), np.asarray(toks))
+    np.testing.assert_allclose(auto(toks), ref, atol=1e-5, rtol=1e-5)
     on_gpu = jax.default_backend() == "gpu"
     # What the built model's attention layers really run, not only what pick_implementation says.
     assert {b.attn.implementation for b in auto.blocks} == {"xla"}
@@ -154,9 +221,10 @@ def test_moe_scan_equals_loop():
 
 
 def test_dropout_is_active_only_with_a_key():
-    m = _model(dropout=0.5)
+    m = _perturbed(_model(dropout=0.5, dtype="float32"))
     toks = jnp.zeros((1, 16), jnp.int32)
-    np.testing.assert_allclose(m(toks), m(toks))
+    ref = numpy_forward(m.cfg, nnx.to_pure_dict(nnx.state(m, nnx.Param)), np.asarray(toks))  # no dropout in it
+    np.testing.assert_allclose(m(toks), ref, atol=1e-5, rtol=1e-5)
     assert not np.allclose(m(toks, dropout_key=jax.random.key(0)), m(toks, dropout_key=jax.random.key(1)))
 
 
@@ -172,3 +240,48 @@ def test_config_validation():
         ModelConfig(d_model=30, n_heads=4)
     with pytest.raises(ValueError, match="n_kv_heads"):
         ModelConfig(n_heads=4, n_kv_heads=3)
+
+
+def _table_gathers(hlo: str, V: int, n_devices: int) -> list[str]:
+    """All-gathers whose result holds rows of a (V, ...) table: V / k of them for k up to the device count."""
+    rows = {V // k for k in range(1, n_devices + 1) if V % k == 0}
+    found = []
+    for line in hlo.splitlines():
+        m = re.search(r"=\s*(.*?)\s+all-gather(?:-start)?\(", line)
+        if m:
+            found += [a for a, dims in re.findall(r"((?:f|bf)\d+\[([\d,]+)\])", m.group(1))
+                      if int(dims.split(",")[0]) in rows]
+    return found
+
+
+@pytest.mark.parametrize("sizes", [dict(fsdp=8), dict(tensor=8), dict(fsdp=4, tensor=2),
+                                   dict(data=2, fsdp=2, tensor=2)])
+def test_embedding_lookup_never_gathers_the_table(sizes):
+    """Under FSDP and tensor parallelism the lookup moves tokens and activations, never rows of the (V, D) table,
+    forward or backward; and it gives the single-device loss and gradient. (Untied head: the tied head's matmul
+    gathers its weight like every FSDP matmul does.)"""
+    from parallel.mesh import batch_sharding
+    from parallel.rules import activate
+    from train.state import model_def, param_shardings
+
+    # 520 rows: no other parameter has 520 / k rows (k <= 8), so a gathered table is told apart by its shape.
+    cfg = dataclasses.replace(TINY, vocab_size=520, n_heads=8, tie_embeddings=False, dtype="float32")
+    mdef = model_def(cfg)
+    rng = np.random.default_rng(3)
+    params = jax.tree.map(lambda s: (0.2 * rng.normal(size=s.shape)).astype(np.float32), mdef.param_shapes())
+    toks = rng.integers(0, cfg.vocab_size, (8, 16)).astype(np.int32)
+    w = rng.normal(size=(8, 16, cfg.vocab_size)).astype(np.float32)
+
+    def loss(params, toks):
+        return (mdef.apply(params, toks) * w).sum()
+
+    ref_loss, ref_grads = jax.value_and_grad(loss)(params, toks)
+    mesh = mesh_for(**sizes)
+    with activate(mesh):
+        step = jax.jit(jax.value_and_grad(loss), in_shardings=(param_shardings(mdef, mesh), batch_sharding(mesh)))
+        hlo = step.lower(params, toks).compile().as_text()
+        got_loss, got_grads = step(params, toks)
+    assert not _table_gathers(hlo, cfg.vocab_size, 8), _table_gathers(hlo, cfg.vocab_size, 8)
+    np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-5)
+    # Gradients of magnitude ~10 summed in another order: float32 rounding, far below a misplaced row's O(1).
+    np.testing.assert_allclose(got_grads["embed_VD"], ref_grads["embed_VD"], rtol=1e-5, atol=5e-5)
