@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from parallel.errors import UserError
 
@@ -56,3 +57,37 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"meshforge-{name}")
+
+
+class StepFlags:
+    """Per-step decisions every process must take at the same step (stop after SIGTERM, a timed save), carried
+    through the train step itself instead of a host round trip.
+
+    Each device holds one row of its host's flags; the step returns their max over all devices (a tiny all-reduce
+    beside the step's own collectives). Every process reads that value from the same step's output, so all stop
+    or save together whichever host was signalled, at no cost on the steps where nothing happens.
+    """
+
+    NAMES = ("stop", "save")
+
+    def __init__(self, mesh: Mesh):
+        # One row per device, sharded over every mesh axis: no row is replicated, so no two devices can hold
+        # different copies of it.
+        self.sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+        self.shape = (mesh.size, len(self.NAMES))
+        self._arrays: dict[tuple[bool, ...], jax.Array] = {}
+
+    def array(self, **flags: bool) -> jax.Array:
+        """The step's flags input with this host's flags set (cached: flags rarely change)."""
+        key = tuple(bool(flags.pop(name, False)) for name in self.NAMES)
+        if flags:
+            raise ValueError(f"unknown step flags {sorted(flags)}; known: {self.NAMES}")
+        if key not in self._arrays:
+            row_1F = np.array([key], np.int32)
+            shards = [jax.device_put(row_1F, d) for d in self.sharding.addressable_devices]
+            self._arrays[key] = jax.make_array_from_single_device_arrays(self.shape, self.sharding, shards)
+        return self._arrays[key]
+
+    def read(self, metrics: dict) -> dict[str, bool]:
+        """The agreed flags from a fetched step output."""
+        return {name: bool(v) for name, v in zip(self.NAMES, np.asarray(metrics["flags"]))}

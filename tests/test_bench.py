@@ -12,7 +12,7 @@ from data.config import DataConfig
 from helpers import TINY, meshforge
 from models.transformer import ModelConfig
 from parallel.mesh import MeshConfig, batch_divisor
-from train.accounting import matmul_params_per_token, mfu, table_peak, train_flops_per_token
+from train.accounting import PEAK_TFLOPS, matmul_params_per_token, mfu, table_peak, train_flops_per_token
 from train.bench import bench
 from train.config import Config, TrainConfig
 from train.setup import build
@@ -78,8 +78,9 @@ def test_report_fields_and_memory():
     m = r["memory_per_device"]
     state, whole, batch = _state_and_batch_bytes(TINY, fsdp=8)
     assert state < whole / 4  # FSDP: each device holds about an eighth of the state
-    # The step's arguments are this device's shards of the state plus its rows of the batch.
-    assert state <= m["arguments"] <= state + batch
+    # The step's arguments are this device's shards of the state plus its rows of the batch and its row of the
+    # step flags (parallel.hosts.StepFlags: two int32).
+    assert state <= m["arguments"] <= state + batch + 8
     assert m["temporaries"] > 0 and m["outputs"] >= 0.9 * state  # the new state comes back out
     assert m["peak"] >= m["arguments"] + m["temporaries"]  # arguments stay live while the step's temporaries are
     # XLA's count includes norms, softmax and the optimizer: near, but above, the matmul count.
@@ -92,18 +93,50 @@ def test_flops_per_token_by_hand():
     cfg = ModelConfig(vocab_size=128, d_model=128, n_layers=4, n_heads=4)  # the shakespeare_char model
     per_layer = 4 * 128 * 128 + 2 * 128 * 512  # q, k, v, o + GELU MLP
     assert matmul_params_per_token(cfg) == 4 * per_layer + 128 * 128  # + the (tied) output head
-    assert train_flops_per_token(cfg, 64) == 6 * (4 * per_layer + 128 * 128) + 12 * 4 * 64 * 128
+    # Attention per token and layer, forward: q.k over T keys and the weighted sum of T values, each 2 x T x d_model
+    # FLOPs; the backward pass is twice the forward: 3 x 4 x T x d_model = 12 x T x d_model with every key seen.
+    # A causal model needs only the keys at or before the query, half the T x T square (MaxText's convention).
+    full_attention = 3 * (2 * 64 * 128 + 2 * 64 * 128) * 4  # seq_len 64, d_model 128, 4 layers
+    assert full_attention == 12 * 4 * 128 * 64
+    six_n = 6 * (4 * per_layer + 128 * 128)
+    assert train_flops_per_token(cfg, 64) == six_n + full_attention // 2  # causal is the default
+    assert train_flops_per_token(dataclasses.replace(cfg, causal=False), 64) == six_n + full_attention
     moe = dataclasses.replace(cfg, moe_experts=4, moe_top_k=2, moe_d_ff=256, moe_every=2)
     moe_layer = 4 * 128 * 128 + 2 * (2 * 128 * 256) + 128 * 4  # top-2 experts of width 256, plus the router
     assert matmul_params_per_token(moe) == 2 * per_layer + 2 * moe_layer + 128 * 128
 
 
-def test_peaks_and_mfu():
-    assert table_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
-    assert table_peak("NVIDIA H100 PCIe", "bfloat16") == 756e12
-    assert table_peak("TPU v5 lite", "bfloat16") == 197e12
-    assert table_peak("TPU v5", "float32") == 459e12
+# Dense (no 2:4 sparsity) peak TFLOP/s per chip from the vendors' spec pages, typed in here rather than read from
+# PEAK_TFLOPS: (bfloat16, float32 as JAX's DEFAULT precision runs it). NVIDIA: the A100 and H100/H200 datasheets
+# (BF16 and TF32 Tensor Core, halved from the "with sparsity" figures: BF16 A100 624, H100 SXM and H200 1979, H100
+# PCIe 1513; TF32 A100 312, H100 SXM and H200 989, H100 PCIe 756). Google Cloud TPU system architecture pages: bf16 per chip; DEFAULT float32 matmuls
+# on TPU are one bfloat16 pass, so the same figure.
+VENDOR_PEAK_TFLOPS = {
+    "TPU v4": (275, 275),
+    "TPU v5 lite": (197, 197),  # v5e as jax names it
+    "TPU v5e": (197, 197),
+    "TPU v5": (459, 459),  # v5p as jax names it
+    "TPU v5p": (459, 459),
+    "TPU v6 lite": (918, 918),  # v6e (Trillium) as jax names it
+    "TPU v6e": (918, 918),
+    "NVIDIA A100-SXM4-80GB": (312, 156),
+    "NVIDIA A100-PCIE-40GB": (312, 156),
+    "NVIDIA H100 PCIe": (756, 378),
+    "NVIDIA H100 80GB HBM3": (989, 494.7),  # SXM
+    "NVIDIA H200": (989, 494.7),
+}
+
+
+def test_peak_table_matches_vendor_figures():
+    for kind, (bf16, fp32) in VENDOR_PEAK_TFLOPS.items():
+        assert table_peak(kind, "bfloat16") == pytest.approx(bf16 * 1e12, rel=0.002), kind
+        assert table_peak(kind, "float32") == pytest.approx(fp32 * 1e12, rel=0.002), kind
+    for name, *_ in PEAK_TFLOPS:  # an entry with no vendor figure here would go unchecked
+        assert any(name.lower() in kind.lower() for kind in VENDOR_PEAK_TFLOPS), name
     assert table_peak("cpu", "float32") is None
+
+
+def test_mfu():
     assert mfu(1000.0, 1e9, 1e12, 2) == pytest.approx(0.5)
     assert mfu(1000.0, 1e9, None, 2) is None
 

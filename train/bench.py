@@ -35,14 +35,15 @@ def bench(cfg: Config, *, steps: int = 20, warmup: int = 3, json_path: str | Non
         state = init_state(setup.tx, setup.mdef, setup.shardings, tc.seed)
         batch = setup.batch_fn()
         next_batch = batch(0)
-        compiled, compile_s = compile_timed(setup.train_step(), state, next_batch)
+        flags = setup.flags.array()
+        compiled, compile_s = compile_timed(setup.train_step(), state, next_batch, flags)
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
 
         times, tokens = [], []
         for i in range(warmup + steps):
             t = time.perf_counter()
-            state, metrics = compiled(state, next_batch)
+            state, metrics = compiled(state, next_batch, flags)
             next_batch = batch(i + 1)  # built while the step runs, as in train
             jax.block_until_ready((state, metrics))
             if i >= warmup:

@@ -253,6 +253,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("meshforge: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        # A failed allocation anywhere (not only in the checked train step: evaluation, sampling, a restore) is a
+        # size the user chose. Leave at once: cleanup handlers waiting on buffers that were never allocated
+        # could block for ever. Orbax commits atomically, so the last checkpoint stays valid.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"meshforge: error: out of memory ({first}); {OOM_KNOBS}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
+
+
+OOM_KNOBS = ("lower train.batch_size, train.eval_batch_size or train.seq_len, use a smaller model, raise "
+             "optim.accum_steps, use model.remat with model.scan_layers, or shard over more devices")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """XLA's allocation failure (RESOURCE_EXHAUSTED), whichever of jax's error types carries it."""
+    return type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and "RESOURCE_EXHAUSTED" in str(e)
 
 
 if __name__ == "__main__":

@@ -6,29 +6,30 @@ storage failures reported in one line without touching the last valid checkpoint
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-import psutil
 
 from data.loader import process_rows, to_global
 from data.tokenize import save_tokenizer
 from optim.chains import nonfinite_counts
 from parallel.errors import UserError
-from parallel.hosts import agree, any_process, barrier
-from parallel.analysis import memory_per_device
+from parallel.hosts import agree, barrier
 from parallel.mesh import padded_rows
 from parallel.rules import activate
 from train.accounting import device_peak, mfu, train_flops_per_token
 from train.checkpoint import Checkpointer, has_checkpoints, latest_committed_step
 from train.config import Config
 from train.faults import Faults
+from train.fit import check_state_fits, check_step_fits
 from train.health import Health
 from train.metrics import MetricsWriter, Progress, json_value
 from train.preemption import PreemptionGuard
@@ -60,8 +61,8 @@ def window_metrics(fetched: list[dict]) -> dict[str, float]:
     flat key per entry (moe_expert_frac_0, moe_expert_frac_1, ...)."""
     out = {}
     for key in fetched[0]:
-        if key in ("loss", "grad_norm", "lr", "tokens", "skipped_steps", "nonfinite_in_a_row"):
-            continue  # logged above, or counted by Health
+        if key in ("loss", "grad_norm", "lr", "tokens", "skipped_steps", "nonfinite_in_a_row", "flags"):
+            continue  # logged above, counted by Health, or read by the loop
         mean = np.mean([np.asarray(x[key], np.float64) for x in fetched], axis=0)
         if mean.ndim == 0:
             out[key] = float(mean)
@@ -82,17 +83,61 @@ def throttle(outputs: list) -> None:
         jax.block_until_ready(outputs[-MAX_IN_FLIGHT - 1])
 
 
+class StepOutputs:
+    """Metrics of dispatched steps. Fetching the oldest once more than MAX_IN_FLIGHT are queued is the throttle,
+    and it hands the loop every step's agreed flags and health counters a few steps late, at no extra wait."""
+
+    def __init__(self):
+        self.pending: collections.deque = collections.deque()
+        self.window: list[dict] = []  # fetched since the last log row
+
+    def push(self, step: int, metrics: dict) -> list[tuple[int, dict]]:
+        """Queue a step's metrics; return (step, host metrics) of those fetched now."""
+        self.pending.append((step, metrics))
+        return self._fetch(MAX_IN_FLIGHT)
+
+    def drain(self) -> list[tuple[int, dict]]:
+        """Fetch every step still in flight."""
+        return self._fetch(0)
+
+    def _fetch(self, leave: int) -> list[tuple[int, dict]]:
+        ready = []
+        while len(self.pending) > leave:
+            step, metrics = self.pending.popleft()
+            ready.append((step, jax.device_get(metrics)))
+        self.window += [m for _, m in ready]
+        return ready
+
+    def take_window(self) -> list[dict]:
+        window, self.window = self.window, []
+        return window
+
+
 def say(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, file=sys.stderr, flush=True)
 
 
+class Compiled(NamedTuple):
+    step: Any  # the compiled train step
+    seconds: float  # its compile time
+    t_start: float  # when the command started: the run's wall time counts set-up too
+
+
 def train(cfg: Config, workdir: Path, fresh: bool = False) -> dict:
+    t_start = time.perf_counter()
     workdir = Path(workdir)
     resuming = has_checkpoints(workdir / "checkpoints") and not fresh
     setup = build(cfg, workdir if resuming else None)  # validates everything before any file is written
     if resuming:
         check_resumable(setup.cfg, workdir)
+    with activate(setup.mesh):
+        # Memory is checked on shapes alone: before any buffer is allocated or any file written.
+        target = abstract_state(setup.tx, setup.mdef, setup.shardings)
+        agree(lambda: check_state_fits(target), "the train state does not fit in memory on another host")
+        flags = jax.ShapeDtypeStruct(setup.flags.shape, np.int32, sharding=setup.flags.sharding)
+        step, seconds = compile_timed(setup.train_step(), target, setup.abstract_batch(), flags)
+        agree(lambda: check_step_fits(step), "the train step does not fit in memory on another host")
     is_main = jax.process_index() == 0
     agree(lambda: ensure_writable(workdir), "the workdir is not writable on another host")
     lock = RunLock(workdir) if is_main else None
@@ -102,7 +147,7 @@ def train(cfg: Config, workdir: Path, fresh: bool = False) -> dict:
             say(f"meshforge: --fresh: moved the earlier run in {workdir} to {moved}")
         if fresh:
             barrier("fresh")  # no process lists the workdir before the archive move is done
-        return _train(setup, workdir, resuming)
+        return _train(setup, workdir, resuming, Compiled(step, seconds, t_start))
     except Exception as e:
         if is_storage_failure(e):
             raise storage_error(workdir, e, latest_committed_step(workdir / "checkpoints")) from None
@@ -113,13 +158,9 @@ def train(cfg: Config, workdir: Path, fresh: bool = False) -> dict:
             lock.release()
 
 
-def _train(setup: Setup, workdir: Path, resuming: bool) -> dict:
+def _train(setup: Setup, workdir: Path, resuming: bool, compiled: Compiled) -> dict:
     cfg, tc = setup.cfg, setup.cfg.train
-    is_main = jax.process_index() == 0
     with activate(setup.mesh), PreemptionGuard(tc.preempt_grace_s) as preemption:
-        train_step = setup.train_step()
-        eval_step = make_eval_step(setup.mdef, setup.shardings["params"], setup.batch_sharding)
-
         ckpt = Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints, keep_every=tc.keep_every)
         if resuming:
             target = abstract_state(setup.tx, setup.mdef, setup.shardings)
@@ -134,130 +175,77 @@ def _train(setup: Setup, workdir: Path, resuming: bool) -> dict:
                 "raise --train.steps to continue")
             summary_path = workdir / "summary.json"
             return json.loads(summary_path.read_text()) if summary_path.exists() else {"steps": start}
-
-        faults = Faults()
-        batch = setup.batch_fn(edit=faults.corrupt_batch)
-        t_start = time.perf_counter()
-        first_batch = batch(start)
-        compiled, compile_s = compile_timed(train_step, state, first_batch)
-        agree(lambda: check_fits(compiled), "the train step does not fit in memory on another host")
-
-        if is_main:
+        if jax.process_index() == 0:
             (workdir / "config.json").write_text(cfg.to_json())
             save_tokenizer(setup.data.tokenizer, workdir / "tokenizer.json")
-        metrics = MetricsWriter(workdir, enabled=is_main, tensorboard=cfg.log.tensorboard)
+        metrics = MetricsWriter(workdir, enabled=jax.process_index() == 0, tensorboard=cfg.log.tensorboard)
         try:
-            return _loop(setup, workdir, state, start, ckpt, metrics, resuming, compiled, first_batch, batch,
-                         eval_step, preemption, faults, t_start, compile_s)
+            return _loop(setup, workdir, state, start, ckpt, metrics, preemption, compiled)
         finally:
             metrics.close()
 
 
-def check_fits(compiled) -> None:
-    """Refuse a step that cannot fit in memory, instead of letting the OS kill the run halfway through."""
-    need = memory_per_device(compiled).get("peak")
-    device = jax.local_devices()[0]
-    if not need:
-        return
-    if device.platform == "cpu":  # every virtual CPU device lives in the one host memory
-        need, have, where = need * jax.local_device_count(), psutil.virtual_memory().available, "of host memory"
-    else:
-        have, where = (device.memory_stats() or {}).get("bytes_limit"), "per device"
-    if have and need > have:
-        raise UserError(f"the train step needs {need / 2**30:.1f} GiB {where} but {have / 2**30:.1f} GiB is "
-                        "available; lower train.batch_size or train.seq_len, raise optim.accum_steps, use "
-                        "model.remat with model.scan_layers, or shard over more devices")
-
-
 def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, metrics: MetricsWriter,
-          resuming: bool, compiled, next_batch: dict, batch, eval_step, preemption: PreemptionGuard,
-          faults: Faults, t_start: float, compile_s: float) -> dict:
+          preemption: PreemptionGuard, compiled: Compiled) -> dict:
     cfg, tc = setup.cfg, setup.cfg.train
-    is_main = jax.process_index() == 0
     metrics.truncate_after(start)  # rows past the restored step (or any rows, for a new run) belong to no checkpoint
-    progress = Progress(tc.steps, start, cfg.log.progress, enabled=is_main)
+    progress = Progress(tc.steps, start, cfg.log.progress, enabled=jax.process_index() == 0)
     n_params = count_params(state["params"])
     progress.log(f"meshforge: {cfg.name} | {n_params / 1e6:.2f}M params | mesh "
                  f"{dict(setup.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices | "
-                 f"{'resuming at step ' + str(start) if resuming else 'new run'} | workdir {workdir}")
+                 f"{'resuming at step ' + str(start) if start else 'new run'} | workdir {workdir}")
     progress.log("config: " + json.dumps(cfg.to_dict(), separators=(",", ":")))
-    progress.log(f"compiled the train step in {compile_s:.1f}s")
+    progress.log(f"compiled the train step in {compiled.seconds:.1f}s")
 
-    # Synthetic tasks in the data: exact match of greedy samples on held-out problems, at every eval.
-    task_eval = task_evaluator(setup)
+    eval_step = make_eval_step(setup.mdef, setup.shardings["params"], setup.batch_sharding)
+    task_eval = task_evaluator(setup)  # synthetic tasks: exact match of greedy samples on held-out problems
     task_scores: dict = {}
-
-    # MFU as `meshforge bench` computes it (train/accounting.py); on CPU the peak is a ~0.2 s matmul probe.
-    flops_per_token = train_flops_per_token(cfg.model, tc.seq_len)
-    peak, _ = device_peak(cfg.model.dtype)
-
-    def save(step: int) -> None:
-        ckpt.save(step, state, {"data": setup.data.state(step), "config": cfg.to_dict()})
-
-    pending: list = []
-    step_ms: list[float] = []
-    tokens_seen = 0.0
+    faults = Faults()
+    batch = setup.batch_fn(edit=faults.corrupt_batch)
+    next_batch = batch(start)
+    outputs = StepOutputs()
+    rate = Throughput(cfg.model, tc.seq_len)
     health = Health(tc, int(jax.device_get(nonfinite_counts(state["opt_state"])[1])), progress.log,
                     ckpt.latest_step)
     last: dict = {}
     val_loss = None
-    preempted = False
-    last_save_t = window_t0 = time.perf_counter()
-    multi = jax.process_count() > 1
+    stop = False
+    last_save_step, last_save_t = start, time.perf_counter()
     for step in range(start, tc.steps):
-        state, m = compiled(state, next_batch)
+        save_due = tc.checkpoint_every_s > 0 and time.perf_counter() - last_save_t >= tc.checkpoint_every_s
+        state, m = compiled.step(state, next_batch, setup.flags.array(stop=preemption.requested, save=save_due))
         faults.after_dispatch(step + 1, ckpt.wait)
-        pending.append(m)
-        throttle(pending)
         done = step + 1
         log_now = done % tc.log_every == 0 or done == tc.steps
         if done < tc.steps:
             next_batch = batch(done)  # built while the device runs the step just dispatched
-        # Cross-host decisions are taken at log steps only, where the hosts synchronise anyway.
-        decide = log_now or not multi
-        stop = decide and any_process(preemption.requested)
-        timed_save = decide and tc.checkpoint_every_s > 0 and any_process(
-            time.perf_counter() - last_save_t >= tc.checkpoint_every_s)
+        # Every process reads the same flags from the same steps, so all stop or save at the same step.
+        timed_save = False
+        for at, fetched in outputs.push(done, m) + (outputs.drain() if log_now else []):
+            health.check(at, [fetched])
+            flags = setup.flags.read(fetched)
+            stop |= flags["stop"]
+            timed_save |= flags["save"] and at > last_save_step  # asked for after the last save
+        if stop:
+            for at, fetched in outputs.drain():  # the steps still in flight belong in the last log row
+                health.check(at, [fetched])
         if log_now or stop:
-            fetched = jax.device_get(pending)
-            dt = time.perf_counter() - window_t0
-            tokens = sum(t for x in fetched if math.isfinite(t := float(x["tokens"])))
-            tokens_seen += tokens
-            health.check(done - len(fetched) + 1, fetched)
-            losses = [float(x["loss"]) for x in fetched]
-            finite = [v for v in losses if math.isfinite(v)]
-            last = {
-                "loss": float(np.mean(finite)) if finite else float("nan"),
-                "grad_norm": float(fetched[-1]["grad_norm"]),
-                "lr": float(fetched[-1]["lr"]),
-                "step_ms": 1000 * dt / len(fetched),
-                "tokens_per_s": tokens / dt,
-                "skipped_steps": health.skipped,
-                "loss_spikes": health.spikes,
-                **window_metrics(fetched),
-            }
-            if peak:
-                last["mfu"] = mfu(last["tokens_per_s"], flops_per_token, peak, jax.device_count())
-            step_ms.append(last["step_ms"])
+            last = rate.row(outputs.take_window(), health)
             metrics.write(done, last)
             progress.update(done, last)
-            pending = []
-            window_t0 = time.perf_counter()
-        evaluated = False
-        if ((tc.eval_every and done % tc.eval_every == 0) or done == tc.steps) and not stop:
+        evaluated = ((tc.eval_every and done % tc.eval_every == 0) or done == tc.steps) and not stop
+        if evaluated:
             val_loss = evaluate(setup, state["params"], eval_step, tc.eval_batches)
             task_scores = task_eval(state["params"]) if task_eval is not None else {}
             metrics.write(done, {"val_loss": val_loss, **task_scores})
             progress.log(f"eval at step {done}: val_loss {val_loss:.4f}"
                          + "".join(f", {k} {v:.4f}" for k, v in task_scores.items()))
-            evaluated = True
         if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps or stop or timed_save:
-            save(done)
-            last_save_t = time.perf_counter()
+            ckpt.save(done, state, {"data": setup.data.state(done), "config": cfg.to_dict()})
+            last_save_step, last_save_t = done, time.perf_counter()
         if evaluated:
-            window_t0 = time.perf_counter()  # evaluation time is not step time
+            rate.restart()  # evaluation time is not step time
         if stop:
-            preempted = True
             ckpt.wait()
             progress.log(f"meshforge: preempted: checkpoint at step {done} written; rerun the same command "
                          "to resume")
@@ -265,35 +253,70 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
 
     ckpt.wait()
     ckpt.close()
-    wall = time.perf_counter() - t_start
     summary = {
-        "name": cfg.name,
-        "steps": tc.steps,
-        "last_step": done,
-        "steps_this_run": done - start,
-        "preempted": preempted,
-        "params": n_params,
-        "tokens_this_run": int(tokens_seen),
-        "wall_s": round(wall, 2),
-        "compile_s": round(compile_s, 2),
-        "tokens_per_s": round(tokens_seen / wall, 1) if wall > 0 else None,
-        "step_ms_median": round(statistics.median(step_ms), 3) if step_ms else None,
-        # at the median step time: the steady-state figure `meshforge bench` reports too
-        "mfu": round(mfu(tokens_seen / max(done - start, 1) / (statistics.median(step_ms) / 1000), flops_per_token,
-                         peak, jax.device_count()), 4) if peak and step_ms else None,
-        "final_loss": last.get("loss"),
-        "final_val_loss": val_loss,
-        **{f"final_{k}": v for k, v in task_scores.items()},
-        "skipped_steps": last.get("skipped_steps", 0),
-        "devices": jax.device_count(),
-        "processes": jax.process_count(),
-        "platform": jax.devices()[0].platform,
+        "name": cfg.name, "steps": tc.steps, "last_step": done, "steps_this_run": done - start, "preempted": stop,
+        "params": n_params, **rate.summary(time.perf_counter() - compiled.t_start, done - start),
+        "compile_s": round(compiled.seconds, 2), "final_loss": last.get("loss"), "final_val_loss": val_loss,
+        **{f"final_{k}": v for k, v in task_scores.items()}, "skipped_steps": last.get("skipped_steps", 0),
+        "devices": jax.device_count(), "processes": jax.process_count(), "platform": jax.devices()[0].platform,
     }
-    if is_main:
+    if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps({k: json_value(v) for k, v in summary.items()}, indent=2))
     progress.close()
     progress.log("done: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("name", "platform")))
     return summary
+
+
+class Throughput:
+    """Log rows of a window of fetched step metrics, timed from the window's start, and the run's summary
+    figures (MFU as `meshforge bench` computes it, train/accounting.py; on CPU the peak is a ~0.2 s matmul
+    probe)."""
+
+    def __init__(self, model_cfg, seq_len: int):
+        self.flops_per_token = train_flops_per_token(model_cfg, seq_len)
+        self.peak, _ = device_peak(model_cfg.dtype)
+        self.step_ms: list[float] = []
+        self.tokens = 0.0
+        self.t0 = time.perf_counter()
+
+    def restart(self) -> None:
+        """Start timing anew after work that is not step time (evaluation)."""
+        self.t0 = time.perf_counter()
+
+    def _mfu(self, tokens_per_s: float) -> float:
+        return mfu(tokens_per_s, self.flops_per_token, self.peak, jax.device_count())
+
+    def row(self, fetched: list[dict], health: Health) -> dict:
+        dt = time.perf_counter() - self.t0
+        tokens = sum(t for x in fetched if math.isfinite(t := float(x["tokens"])))
+        self.tokens += tokens
+        finite = [v for x in fetched if math.isfinite(v := float(x["loss"]))]
+        row = {
+            "loss": float(np.mean(finite)) if finite else float("nan"),
+            "grad_norm": float(fetched[-1]["grad_norm"]),
+            "lr": float(fetched[-1]["lr"]),
+            "step_ms": 1000 * dt / len(fetched),
+            "tokens_per_s": tokens / dt,
+            "skipped_steps": health.skipped,
+            "loss_spikes": health.spikes,
+            **window_metrics(fetched),
+        }
+        if self.peak:
+            row["mfu"] = self._mfu(row["tokens_per_s"])
+        self.step_ms.append(row["step_ms"])
+        self.t0 = time.perf_counter()
+        return row
+
+    def summary(self, wall: float, steps: int) -> dict:
+        median = statistics.median(self.step_ms) if self.step_ms else None
+        return {
+            "tokens_this_run": int(self.tokens),
+            "wall_s": round(wall, 2),
+            "tokens_per_s": round(self.tokens / wall, 1) if wall > 0 else None,
+            "step_ms_median": round(median, 3) if median else None,
+            # at the median step time: the steady-state figure `meshforge bench` reports too
+            "mfu": round(self._mfu(self.tokens / max(steps, 1) / (median / 1000)), 4) if self.peak and median else None,
+        }
 
 
 def restore_for_inference(cfg: Config, workdir: Path, step: int | None = None):

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
@@ -21,6 +22,7 @@ from models.attention import why_not_cudnn
 from models.transformer import compute_dtype
 from optim.chains import build_optimizer
 from parallel.errors import UserError
+from parallel.hosts import StepFlags
 from parallel.mesh import batch_divisor, batch_sharding, make_mesh
 from train.config import Config
 from train.state import ModelDef, State, model_def, state_shardings
@@ -39,13 +41,23 @@ class Setup:
     schedule: optax.Schedule
     shardings: State
     batch_sharding: NamedSharding
+    flags: StepFlags
 
     def train_step(self):
-        """The jitted train step with this run's shardings (train and bench run this one)."""
+        """The jitted train step with this run's shardings (train and bench run this one): (state, batch,
+        flags) -> (state, metrics), flags from self.flags.array()."""
         cfg = self.cfg
         return make_train_step(self.mdef, self.tx, self.schedule, accum_steps=cfg.optim.accum_steps,
                                seed=cfg.train.seed, state_shardings=self.shardings,
-                               batch_sharding=self.batch_sharding)
+                               batch_sharding=self.batch_sharding, flags_sharding=self.flags.sharding)
+
+    def abstract_batch(self) -> dict:
+        """Shapes, dtypes and shardings of a global train batch (one host batch is built to read them), so the
+        step can be compiled and its memory checked before any state exists."""
+        size = self.cfg.train.batch_size
+        host = self.data.host_batch(0, process_rows(self.batch_sharding, size))
+        return {k: jax.ShapeDtypeStruct((size, *v.shape[1:]), v.dtype, sharding=self.batch_sharding)
+                for k, v in host.items()}
 
     def batch_fn(self, edit: Callable[[int, dict], dict] | None = None) -> Callable[[int], dict]:
         """step -> the global train batch of that step, this host reading only its rows (`edit` may change the
@@ -114,9 +126,9 @@ def build(cfg: Config, workdir: Path | None = None) -> Setup:
     data = build_pipeline(cfg.data, batch_size=tc.batch_size, seq_len=tc.seq_len, seed=tc.seed, workdir=workdir)
     cfg = resolve_model(cfg, data.tokenizer.vocab_size)
     mdef = model_def(cfg.model)
-    tx, schedule = build_optimizer(cfg.optim, cfg.train.steps)
+    tx, schedule = build_optimizer(cfg.optim, cfg.train.steps, mdef.logical_axes())
     shardings = state_shardings(tx, mdef, mesh)
-    return Setup(cfg, mesh, data, mdef, tx, schedule, shardings, batch_sharding(mesh))
+    return Setup(cfg, mesh, data, mdef, tx, schedule, shardings, batch_sharding(mesh), StepFlags(mesh))
 
 
 def check_resumable(cfg: Config, workdir: Path) -> None:

@@ -8,26 +8,31 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
-from optim.chains import accumulate_gradients, nonfinite_counts
+from models.loss import cross_entropy_sums
+from optim.chains import accumulate_gradients, nonfinite_counts, schedule_count
 from train.state import ModelDef, State
 
 
-def cross_entropy_sums(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array):
-    """(sum of weighted token losses, sum of weights), in float32. Divide once, after all sums are in."""
-    losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
-    weights_BT = weights_BT.astype(jnp.float32)
-    return (losses_BT * weights_BT).sum(), weights_BT.sum()
-
-
 def _forward_sums(mdef: ModelDef, params, batch, dropout_key):
-    """(loss sum, weight sum, aux): aux holds the model's MoE statistics and weighted `aux_loss` ({} if dense)."""
-    logits_BTV, aux = mdef.apply(params, batch["inputs"], segment_ids_BT=batch.get("segment_ids"),
-                                 positions_BT=batch.get("positions"), dropout_key=dropout_key, return_aux=True)
-    return (*cross_entropy_sums(logits_BTV, batch["targets"], batch["weights"]), aux)
+    """(loss sum, weight sum, aux): aux holds the model's MoE statistics and weighted `aux_loss` ({} if dense).
+
+    The model stops at its final hidden states and the loss makes the logits a chunk at a time (models/loss.py):
+    float32 (B, T, V) logits never exist at once at a large vocabulary.
+    """
+    model = mdef.module(params)
+    x_BTD, aux = model(batch["inputs"], segment_ids_BT=batch.get("segment_ids"), positions_BT=batch.get("positions"),
+                       dropout_key=dropout_key, return_aux=True, return_hidden=True)
+    sums = cross_entropy_sums(x_BTD, model.head_weights(), batch["targets"], batch["weights"],
+                              chunk_tokens=mdef.cfg.loss_chunk_tokens)
+    return (*sums, aux)
 
 
 def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
-                    accum_steps: int, seed: int, state_shardings: State, batch_sharding: NamedSharding) -> Callable:
+                    accum_steps: int, seed: int, state_shardings: State, batch_sharding: NamedSharding,
+                    flags_sharding: NamedSharding | None = None) -> Callable:
+    """The jitted step (state, batch) -> (state, metrics). With flags_sharding it takes a third argument, the
+    per-device host flags of parallel.hosts.StepFlags, and returns their max over all devices as
+    metrics['flags']: every process reads the same decision from the same step, without a host round trip."""
     use_dropout = mdef.cfg.dropout > 0
 
     def loss_sums(params, batch, key):
@@ -42,7 +47,9 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, schedule: 
         return ce_sum, (weight_sum, sums)
 
     def train_step(state: State, batch: dict) -> tuple[State, dict]:
-        key = jax.random.fold_in(jax.random.key(seed), state["step"])
+        # Dropout's own stream: nnx.Rngs(params=seed) draws init keys as fold_in(key(seed), i), i = 0, 1, ...,
+        # so fold_in(key(seed), step) would reuse them. 0x64726F70 ("drop") is far past any count of init keys.
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0x64726F70), state["step"])
         _, weight_sum, sums, grad_sums = accumulate_gradients(loss_sums, state["params"], batch, accum_steps, key)
         # Gradients take their parameter's layout at once: with FSDP the batch-sharded partial sums become a
         # reduce-scatter, and clipping's norm is computed on shards instead of a replicated copy.
@@ -53,12 +60,22 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, schedule: 
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         in_a_row, skipped = nonfinite_counts(opt_state)
-        metrics = {"loss": sums.pop("ce") / denom, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
+        # The lr this update applied: the schedule counts applied updates, so it does not advance on a skipped step.
+        lr = schedule(schedule_count(state["opt_state"]))
+        metrics = {"loss": sums.pop("ce") / denom, "grad_norm": optax.tree.norm(grads), "lr": lr,
                    "tokens": weight_sum, "skipped_steps": skipped, "nonfinite_in_a_row": in_a_row,
                    **{k: v / denom for k, v in sums.items()}}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
-    return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+    if flags_sharding is None:
+        return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, None), donate_argnums=0)
+
+    def train_step_with_flags(state: State, batch: dict, flags_DF: jax.Array) -> tuple[State, dict]:
+        state, metrics = train_step(state, batch)
+        return state, {**metrics, "flags": flags_DF.max(0)}
+
+    return jax.jit(train_step_with_flags, in_shardings=(state_shardings, batch_sharding, flags_sharding),
                    out_shardings=(state_shardings, None), donate_argnums=0)
 
 
