@@ -60,7 +60,9 @@ def test_fsdp_all_gathers_params_and_reduce_scatters_grads(grad_bytes):
     assert c["all-gather"]["count"] > 0 and c["all-gather"]["bytes"] >= 0.9 * grad_bytes  # params, gathered
     assert c["reduce-scatter"]["count"] > 0 and c["reduce-scatter"]["bytes"] >= 0.9 * grad_bytes  # gradients
     assert c["all-reduce"]["bytes"] < 0.05 * grad_bytes  # only scalars (loss, norms) are all-reduced
-    assert c["all-to-all"]["count"] == 0
+    # The embedding lookup hands each device its rows back with an all-to-all of activations (models/axes.py),
+    # forward and backward; no parameter moves that way.
+    assert c["all-to-all"]["count"] <= 2 and c["all-to-all"]["bytes"] < 0.1 * grad_bytes
 
 
 def test_expert_parallel_uses_all_to_all():
