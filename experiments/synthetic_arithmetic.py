@@ -3,9 +3,10 @@
     meshforge train experiments/synthetic_arithmetic.py
 
 Hardware: a 2-core CPU VM (2 virtual XLA devices, data-parallel).
-Result (measured 2026-11-26 on that VM, otherwise idle): whole command 3m59s wall including start-up,
-compilation and 8 evaluations; exact_match on 256 held-out problems 0.80 / 0.97 / 0.93 / 1.00 / 1.00 at steps
-1000 / 1250 / 1500 / 1750 / 2000; validation loss 1e-4 per answer token; median step 113 ms.
+Result (re-measured 2026-11-30 on a 2-core AMD EPYC VM shared with other jobs, after the hold-out moved to
+unordered pairs): exact_match on 256 held-out problems 0.60 at step 1000 and 0.996 at step 2000; validation loss
+1.7e-3 per answer token. (On 2026-11-26, when b+a of a held-out a+b could still be trained: 0.80 at step 1000,
+1.00 at 2000, validation loss 1e-4, median step 113 ms, 3m59s for the whole command on an idle VM.)
 
 Data: `synthetic:addition?digits=3` draws `a+b=` with a, b in 100..999 and the answer `a + b` written normally
 (most significant digit first), e.g. `865+673=1538`. 10% of all pairs {a, b} (a+b and b+a together), chosen by

@@ -214,7 +214,7 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
     for step in range(start, tc.steps):
         save_due = tc.checkpoint_every_s > 0 and time.perf_counter() - last_save_t >= tc.checkpoint_every_s
         state, m = compiled.step(state, next_batch, setup.flags.array(stop=preemption.requested, save=save_due))
-        faults.after_dispatch(step + 1, ckpt.wait)
+        faults.after_dispatch(step + 1, ckpt)
         done = step + 1
         log_now = done % tc.log_every == 0 or done == tc.steps
         if done < tc.steps:

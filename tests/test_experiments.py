@@ -1,0 +1,90 @@
+"""The shipped experiments reach what their docstrings say.
+
+Fast tier: each experiment, shortened (fewer steps, a warm-up and batch to match, a small eval), must bring its
+validation loss below a stated bound, far below its first loss, so a change that stops it learning fails CI.
+Slow tier (`pytest -m slow`): the docstring's own command, checked against the docstring's figures.
+"""
+import collections
+import json
+import math
+
+import pytest
+
+from helpers import REPO, meshforge
+
+CORPUS = REPO / "data" / "corpora" / "tinyshakespeare.txt"
+
+
+def char_unigram_entropy() -> float:
+    """Nats per character of the corpus's character frequencies (3.31): a model below it uses context."""
+    counts = collections.Counter(CORPUS.read_text())
+    n = sum(counts.values())
+    return -sum(c / n * math.log(c / n) for c in counts.values())
+
+
+BPE_UNIFORM = math.log(1024)  # 6.93: a uniform guess over shakespeare_bpe's 1,024 ids, about the first loss
+QUICK_EVAL = ["--train.eval_every", "0", "--train.eval_batches", "2", "--train.checkpoint_every", "0",
+              "--train.log_every", "1", "--log.progress", "none", "--log.tensorboard", "false"]
+SHORT_BPE = ["--train.steps", "30", "--optim.warmup_steps", "5", "--train.batch_size", "8"]
+# name: (overrides, bound on the final validation loss). Measured on a 2-core VM under load (the bound's headroom
+# in brackets): char 2.905 at step 60 [0.41], moe 2.907 [0.41], bpe 5.754 at step 30 [0.45], mlm 5.986 [0.31],
+# arithmetic 1.663 at step 60 [0.64]. Each bound is also at least 0.5 below the run's first loss.
+SHORT = {
+    "shakespeare_char": (["--train.steps", "60"], char_unigram_entropy()),
+    "shakespeare_moe": (["--train.steps", "60"], char_unigram_entropy()),
+    "shakespeare_bpe": (SHORT_BPE, BPE_UNIFORM - 0.73),
+    "shakespeare_mlm": (SHORT_BPE, BPE_UNIFORM - 0.63),  # on the masked tokens only
+    # the answer digits: ln 10 is a uniform guess over them
+    "synthetic_arithmetic": (["--train.steps", "60", "--data.eval_problems", "16"], math.log(10)),
+}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("experiments_cache")  # bpe and mlm share the tokenizer and packed rows
+
+
+@pytest.mark.parametrize("name", SHORT)
+def test_shortened_experiment_learns(name, cache, tmp_path):
+    overrides, bound = SHORT[name]
+    r = meshforge("train", f"experiments/{name}.py", "--workdir", tmp_path / "run", "--data.cache_dir", cache,
+                  *QUICK_EVAL, *overrides, devices=2)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["loss"]  # step 1
+    assert summary["final_val_loss"] < bound < first - 0.5, (summary["final_val_loss"], bound, first)
+
+
+# The figures each docstring states, at the steps it states them: validation loss unless named otherwise.
+DOCUMENTED = {
+    # "validation loss about 1.80 at step 2000" (and the issue's acceptance: < 1.80)
+    "shakespeare_char": {2000: ("val_loss", 1.80, "max")},
+    # "about 1.73 at step 2000 ... below the dense shakespeare_char's 1.78" (measured 1.7260)
+    "shakespeare_moe": {2000: ("val_loss", 1.73, 0.03)},
+    # "4.146 / 3.817 / 3.633 / 3.571 nats per token at steps 250 / 500 / 1000 / 1500"
+    "shakespeare_bpe": {250: ("val_loss", 4.146, 0.05), 500: ("val_loss", 3.817, 0.05),
+                        1000: ("val_loss", 3.633, 0.05), 1500: ("val_loss", 3.571, 0.05)},
+    # "4.897 / 4.214 / 3.548 / 3.348 nats at steps 250 / 500 / 1000 / 1500"
+    "shakespeare_mlm": {250: ("val_loss", 4.897, 0.05), 500: ("val_loss", 4.214, 0.05),
+                        1000: ("val_loss", 3.548, 0.05), 1500: ("val_loss", 3.348, 0.05)},
+    # "exact_match on 256 held-out problems ... 1.00 / 1.00 at steps 1750 / 2000": at most 2% of them wrong
+    "synthetic_arithmetic": {2000: ("exact_match", 0.98, "min")},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", DOCUMENTED)
+def test_docstring_command_reproduces_its_figures(name, tmp_path):
+    """`meshforge train experiments/NAME.py`, as the docstring runs it (2-core CPU: 4 to 20 minutes each)."""
+    r = meshforge("train", f"experiments/{name}.py", "--workdir", tmp_path / "run", "--data.cache_dir",
+                  tmp_path / "cache", devices=2, timeout=3600)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for step, (key, figure, tolerance) in DOCUMENTED[name].items():
+        got = next(row[key] for row in rows if row["step"] == step and key in row)
+        if tolerance == "max":
+            assert got < figure, (step, key, got, figure)
+        elif tolerance == "min":
+            assert got >= figure, (step, key, got, figure)
+        else:
+            assert abs(got - figure) <= tolerance, (step, key, got, figure)
