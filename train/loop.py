@@ -30,7 +30,7 @@ from train.checkpoint import Checkpointer, has_checkpoints, latest_committed_ste
 from train.config import Config
 from train.faults import Faults
 from train.fit import check_state_fits, check_step_fits
-from train.health import Health
+from train.health import Health, TrainingHalted
 from train.metrics import MetricsWriter, Progress, json_value
 from train.preemption import PreemptionGuard
 from train.setup import Setup, build, check_resumable, compile_timed
@@ -181,6 +181,12 @@ def _train(setup: Setup, workdir: Path, resuming: bool, compiled: Compiled) -> d
         metrics = MetricsWriter(workdir, enabled=jax.process_index() == 0, tensorboard=cfg.log.tensorboard)
         try:
             return _loop(setup, workdir, state, start, ckpt, metrics, preemption, compiled)
+        except TrainingHalted:
+            # Every process halts at the same step: finish the saves in flight together, so that no process is
+            # left waiting in a multi-host save's barrier for a peer that already exited.
+            ckpt.wait()
+            ckpt.close()
+            raise
         finally:
             metrics.close()
 
