@@ -113,7 +113,7 @@ def test_tensorstore_errors_are_told_apart_by_status_and_os_error():
     damaged = [f"OUT_OF_RANGE: {where}: Requested byte range [0, 2291) is not valid for value of size 1279",
                f"NOT_FOUND: {where} [OS error: {os.strerror(errno.ENOENT)}]", f"DATA_LOSS: {where}",
                f"FAILED_PRECONDITION: {where} [OS error: {os.strerror(errno.EISDIR)}]"]
-    assert [checkpoint.storage_error(wrapped(m)) is not None for m in storage] == [True] * len(storage)
-    assert [checkpoint.storage_error(wrapped(m)) for m in damaged] == [None] * len(damaged)
-    assert checkpoint.storage_error(TimeoutError(errno.ETIMEDOUT, "timed out")) is not None
-    assert checkpoint.storage_error(FileNotFoundError(errno.ENOENT, "gone")) is None
+    assert [checkpoint.read_failure_in_storage(wrapped(m)) is not None for m in storage] == [True] * len(storage)
+    assert [checkpoint.read_failure_in_storage(wrapped(m)) for m in damaged] == [None] * len(damaged)
+    assert checkpoint.read_failure_in_storage(TimeoutError(errno.ETIMEDOUT, "timed out")) is not None
+    assert checkpoint.read_failure_in_storage(FileNotFoundError(errno.ENOENT, "gone")) is None

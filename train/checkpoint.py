@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 
 from parallel.errors import UserError
 from parallel.hosts import barrier, processes_where
+from train.workdir import exception_chain
 
 # Waits before the 2nd, 3rd and 4th read of a checkpoint whose storage failed (about 20 s in all: a network
 # filesystem's hiccup, a gcsfuse remount, a GCS 503 burst that TensorStore's own retries did not absorb).
@@ -78,7 +79,7 @@ class Checkpointer:
             raise RuntimeError(_first_line(e)) from None
 
     def restore_latest_valid(self, target: Any, warn: Callable[[str], None]) -> tuple[Any, dict, int]:
-        """Restore the newest readable checkpoint. Newer ones whose data is damaged (see `storage_error`) while
+        """Restore the newest readable checkpoint. Newer ones whose data is damaged (see `read_failure_in_storage`) while
         an older one reads fine are moved to WORKDIR/corrupt_checkpoints/ (never deleted) and reported in one
         line. A read that fails in the storage itself is retried (RETRY_DELAYS_S, one warning each); if it
         keeps failing the run stops with a UserError and moves nothing: falling back would silently drop the
@@ -117,7 +118,7 @@ class Checkpointer:
                 with _quiet_async_leftovers():
                     return self.restore(step, target), None, False
             except Exception as e:
-                storage = storage_error(e)
+                storage = read_failure_in_storage(e)
                 if storage is None:
                     return None, _first_line(e), False
                 if delay is None:
@@ -184,15 +185,10 @@ _TS_STATUS = re.compile(r"^([A-Z_]+): ")
 _TS_OS_ERROR = re.compile(r"\[OS error: ([^\]]+)\]")
 
 
-def storage_error(exc: BaseException) -> str | None:
+def read_failure_in_storage(exc: BaseException) -> str | None:
     """One line naming the storage failure behind a failed restore, or None when the checkpoint's data is at
     fault. Orbax wraps the reader's error (in exception chains and groups): every link is looked at."""
-    todo, seen = [exc], set()
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in exception_chain(exc):
         if isinstance(e, OSError) and e.errno not in _MISSING_ERRNOS:
             return _first_line(e)
         text = str(e)
@@ -202,7 +198,6 @@ def storage_error(exc: BaseException) -> str | None:
         os_error = _TS_OS_ERROR.search(text)
         if os_error and os_error.group(1) not in {os.strerror(n) for n in _MISSING_ERRNOS}:
             return f"{type(e).__name__}: [OS error: {os_error.group(1)}] {text[:120]}"
-        todo.extend([e.__cause__, e.__context__, *getattr(e, "exceptions", ())])
     return None
 
 

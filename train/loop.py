@@ -147,7 +147,7 @@ def train(cfg: Config, workdir: Path, fresh: bool = False) -> dict:
             say(f"meshforge: --fresh: moved the earlier run in {workdir} to {moved}")
         if fresh:
             barrier("fresh")  # no process lists the workdir before the archive move is done
-        return _train(setup, workdir, resuming, Compiled(step, seconds, t_start))
+        return _train(setup, workdir, target if resuming else None, Compiled(step, seconds, t_start))
     except Exception as e:
         if is_storage_failure(e):
             raise storage_error(workdir, e, latest_committed_step(workdir / "checkpoints")) from None
@@ -158,13 +158,13 @@ def train(cfg: Config, workdir: Path, fresh: bool = False) -> dict:
             lock.release()
 
 
-def _train(setup: Setup, workdir: Path, resuming: bool, compiled: Compiled) -> dict:
+def _train(setup: Setup, workdir: Path, restore_target, compiled: Compiled) -> dict:
+    """restore_target: the abstract state to restore into when resuming, None for a new run."""
     cfg, tc = setup.cfg, setup.cfg.train
     with activate(setup.mesh), PreemptionGuard(tc.preempt_grace_s) as preemption:
         ckpt = Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints, keep_every=tc.keep_every)
-        if resuming:
-            target = abstract_state(setup.tx, setup.mdef, setup.shardings)
-            state, _extra, _ = ckpt.restore_latest_valid(target, warn=lambda m: say(f"meshforge: warning: {m}"))
+        if restore_target is not None:
+            state, _extra, _ = ckpt.restore_latest_valid(restore_target, warn=lambda m: say(f"meshforge: warning: {m}"))
             setup.data.restore(_extra.get("data") or {})  # the loader continues from the saved position
         else:
             state = init_state(setup.tx, setup.mdef, setup.shardings, tc.seed)

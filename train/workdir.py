@@ -7,6 +7,7 @@ import fcntl
 import os
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 from parallel.errors import UserError
@@ -23,15 +24,27 @@ _REASONS = {errno.ENOSPC: "No space left on device", errno.EROFS: "Read-only fil
             errno.EDQUOT: "Disk quota exceeded"}
 
 
+def exception_chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """exc and every exception behind it (causes, contexts, members of exception groups), each once: Orbax and
+    TensorStore wrap the error that matters in their own types."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo.extend([e.__cause__, e.__context__, *getattr(e, "exceptions", ())])
+
+
 def storage_failure_reason(e: BaseException | None) -> str | None:
-    """The storage problem behind an exception (also when Orbax/TensorStore wrapped it in their own types)."""
-    while e is not None:
-        if isinstance(e, OSError) and e.errno in _REASONS:
-            return _REASONS[e.errno]
+    """The write-side storage problem (full, read-only, no permission) behind an exception."""
+    for link in exception_chain(e):
+        if isinstance(link, OSError) and link.errno in _REASONS:
+            return _REASONS[link.errno]
         for reason in _REASONS.values():
-            if reason in str(e):
+            if reason in str(link):
                 return reason
-        e = e.__cause__ or e.__context__
     return None
 
 
