@@ -4,13 +4,15 @@ Shape suffixes: B batch, T length, D d_model, N query heads, K key/value heads, 
 """
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from models.axes import constrain, param
+from models.lora import LoRA
 
 
 def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -58,12 +60,28 @@ def pick_implementation(requested: str, dtype: jnp.dtype, head_dim: int) -> str:
     return "xla" if why_not_cudnn(dtype, head_dim) else "cudnn"
 
 
+def rms_normalize(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis in float32 (Qwen3's per-head query/key norm)."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + eps) * scale).astype(x.dtype)
+
+
+def cache_mask(positions_BT: jax.Array, starts_B: jax.Array, slots: int, at: jax.Array) -> jax.Array:
+    """(B, 1, T, S) mask for queries written at cache slots at..at+T-1: each sees the filled slots up to its own,
+    from its row's first real slot on (rows are left-padded to a common prompt length)."""
+    query_slot_T = at + jnp.arange(positions_BT.shape[1])
+    slot_S = jnp.arange(slots)
+    mask_BTS = (slot_S[None, None, :] <= query_slot_T[None, :, None]) & (slot_S[None, None, :] >= starts_B[:, None, None])
+    return mask_BTS[:, None]
+
+
 class Attention(nnx.Module):
     def __init__(
         self,
         d_model: int,
         n_heads: int,
         n_kv_heads: int,
+        head_dim: int,
         *,
         use_bias: bool,
         init_std: float,
@@ -72,12 +90,14 @@ class Attention(nnx.Module):
         dtype: jnp.dtype,
         param_dtype: jnp.dtype = jnp.float32,
         causal: bool = True,
+        qkv_bias: bool = False,
+        qk_norm_eps: float = 0.0,
+        lora: Callable[[str, tuple[int, ...]], LoRA | None] | None = None,
         rngs: nnx.Rngs,
     ):
-        head_dim = d_model // n_heads
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.implementation = pick_implementation(implementation, dtype, head_dim)
-        self.dtype, self.causal = dtype, causal
+        self.dtype, self.causal, self.qk_norm_eps = dtype, causal, qk_norm_eps
         init = jax.nn.initializers.normal(init_std)
         pd = param_dtype
         self.wq_DNH = param(rngs, init, (d_model, n_heads, head_dim), ("embed", "heads", "head_dim"), pd)
@@ -86,29 +106,74 @@ class Attention(nnx.Module):
                               pd)
         self.wo_NHD = param(rngs, jax.nn.initializers.normal(out_std), (n_heads, head_dim, d_model),
                             ("heads", "head_dim", "embed"), pd)
-        self.use_bias = use_bias
-        if use_bias:
-            zeros = jax.nn.initializers.zeros
+        self.use_bias, self.qkv_bias = use_bias, use_bias or qkv_bias
+        zeros = jax.nn.initializers.zeros
+        if self.qkv_bias:
             self.bq_NH = param(rngs, zeros, (n_heads, head_dim), ("heads", "head_dim"), pd)
             self.bkv_2KH = param(rngs, zeros, (2, n_kv_heads, head_dim), (None, "kv_heads", "head_dim"), pd)
+        if use_bias:
             self.bo_D = param(rngs, zeros, (d_model,), ("embed",), pd)
+        if qk_norm_eps:
+            ones = jax.nn.initializers.ones
+            self.scale_q_H = param(rngs, ones, (head_dim,), ("head_dim",), pd)
+            self.scale_k_H = param(rngs, ones, (head_dim,), ("head_dim",), pd)
+        lora = lora or (lambda name, shape: None)
+        self.wq_DNH_lora = lora("attn/wq_DNH", self.wq_DNH.shape)
+        self.wkv_D2KH_lora = lora("attn/wkv_D2KH", self.wkv_D2KH.shape)
+        self.wo_NHD_lora = lora("attn/wo_NHD", self.wo_NHD.shape)
 
-    def __call__(self, x_BTD: jax.Array, mask: jax.Array | None, rope: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array, mask: jax.Array | None, rope: tuple[jax.Array, jax.Array] | None,
+                 key: jax.Array | None = None, cache: KVCache | None = None):
+        """Attention over this call's tokens; with a cache, over the cache after writing this call's keys and
+        values at slots cache.at.. (then `mask` is a cache_mask) and returns (output, updated cache)."""
         dt = self.dtype
+        keys = jax.random.split(key, 3) if key is not None else (None,) * 3
         x_BTD = x_BTD.astype(dt)
         q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, self.wq_DNH[...].astype(dt))
         kv_BT2KH = jnp.einsum("btd,dskh->btskh", x_BTD, self.wkv_D2KH[...].astype(dt))
-        if self.use_bias:
+        if self.wq_DNH_lora is not None:
+            q_BTNH = q_BTNH + self.wq_DNH_lora(x_BTD, keys[0])
+        if self.wkv_D2KH_lora is not None:
+            kv_BT2KH = kv_BT2KH + self.wkv_D2KH_lora(x_BTD, keys[1])
+        if self.qkv_bias:
             q_BTNH = q_BTNH + self.bq_NH[...].astype(dt)
             kv_BT2KH = kv_BT2KH + self.bkv_2KH[...].astype(dt)
         k_BTKH, v_BTKH = kv_BT2KH[:, :, 0], kv_BT2KH[:, :, 1]
+        if self.qk_norm_eps:
+            q_BTNH = rms_normalize(q_BTNH, self.scale_q_H[...], self.qk_norm_eps)
+            k_BTKH = rms_normalize(k_BTKH, self.scale_k_H[...], self.qk_norm_eps)
         if rope is not None:
             q_BTNH, k_BTKH = apply_rope(q_BTNH, *rope), apply_rope(k_BTKH, *rope)
         q_BTNH = constrain(q_BTNH, ("batch", "length", "act_heads", "head_dim"))
         k_BTKH = constrain(k_BTKH, ("batch", "length", "act_kv_heads", "head_dim"))
-        out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask, is_causal=self.causal,
-                                                implementation=self.implementation)
+        causal = self.causal
+        if cache is not None:
+            cache = cache.write(k_BTKH, v_BTKH)
+            k_BTKH, v_BTKH, causal = cache.k_BSKH, cache.v_BSKH, False  # causality is in the cache mask
+        out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH.astype(dt), v_BTKH.astype(dt), mask=mask,
+                                                is_causal=causal, implementation=self.implementation)
         out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, self.wo_NHD[...].astype(dt))
+        if self.wo_NHD_lora is not None:
+            out_BTD = out_BTD + self.wo_NHD_lora(out_BTNH, keys[2])
         if self.use_bias:
             out_BTD = out_BTD + self.bo_D[...].astype(dt)
-        return out_BTD
+        return out_BTD if cache is None else (out_BTD, cache)
+
+
+class KVCache(NamedTuple):
+    """One layer's keys and values for generation, (B, S, K, H) each, and the slot the next write starts at."""
+    k_BSKH: jax.Array
+    v_BSKH: jax.Array
+    at: jax.Array  # int32 scalar
+
+    @classmethod
+    def zeros(cls, batch: int, slots: int, n_kv_heads: int, head_dim: int, dtype) -> "KVCache":
+        z = jnp.zeros((batch, slots, n_kv_heads, head_dim), dtype)
+        return cls(z, z, jnp.zeros((), jnp.int32))
+
+    def write(self, k_BTKH: jax.Array, v_BTKH: jax.Array) -> "KVCache":
+        def put(c, x):
+            c = jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), self.at, axis=1)
+            return constrain(c, ("batch", "length", "act_kv_heads", "head_dim"))
+
+        return KVCache(put(self.k_BSKH, k_BTKH), put(self.v_BSKH, v_BTKH), self.at + k_BTKH.shape[1])

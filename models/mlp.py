@@ -1,6 +1,7 @@
 """Position-wise feed-forward block: GELU (tanh approximation by default) or SwiGLU."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import jax
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.axes import constrain, param
+from models.lora import LoRA
 
 
 def hidden_activation(x: jax.Array, gate: jax.Array | None, kind: str, gelu_approximate: bool) -> jax.Array:
@@ -31,6 +33,7 @@ class MLP(nnx.Module):
         out_std: float,
         dtype: jnp.dtype,
         param_dtype: jnp.dtype = jnp.float32,
+        lora: Callable[[str, tuple[int, ...]], LoRA | None] | None = None,
         rngs: nnx.Rngs,
     ):
         self.kind, self.gelu_approximate, self.use_bias, self.dtype = kind, gelu_approximate, use_bias, dtype
@@ -43,16 +46,25 @@ class MLP(nnx.Module):
         if use_bias:
             self.bi_CF = param(rngs, jax.nn.initializers.zeros, (n_in, d_ff), (None, "mlp"), pd)
             self.bo_D = param(rngs, jax.nn.initializers.zeros, (d_model,), ("embed",), pd)
+        lora = lora or (lambda name, shape: None)
+        self.wi_DCF_lora = lora("mlp/wi_DCF", self.wi_DCF.shape)
+        self.wo_FD_lora = lora("mlp/wo_FD", self.wo_FD.shape)
 
-    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array, key: jax.Array | None = None) -> jax.Array:
         dt = self.dtype
-        h_BTCF = jnp.einsum("btd,dcf->btcf", x_BTD.astype(dt), self.wi_DCF[...].astype(dt))
+        k1, k2 = jax.random.split(key) if key is not None else (None, None)
+        x_BTD = x_BTD.astype(dt)
+        h_BTCF = jnp.einsum("btd,dcf->btcf", x_BTD, self.wi_DCF[...].astype(dt))
+        if self.wi_DCF_lora is not None:
+            h_BTCF = h_BTCF + self.wi_DCF_lora(x_BTD, k1)
         if self.use_bias:
             h_BTCF = h_BTCF + self.bi_CF[...].astype(dt)
         h_BTF = hidden_activation(h_BTCF[:, :, 0], h_BTCF[:, :, 1] if self.kind == "swiglu" else None, self.kind,
                          self.gelu_approximate)
         h_BTF = constrain(h_BTF, ("batch", "length", "act_mlp"))
         out_BTD = jnp.einsum("btf,fd->btd", h_BTF, self.wo_FD[...].astype(dt))
+        if self.wo_FD_lora is not None:
+            out_BTD = out_BTD + self.wo_FD_lora(h_BTF, k2)
         if self.use_bias:
             out_BTD = out_BTD + self.bo_D[...].astype(dt)
         return out_BTD

@@ -14,8 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from models.attention import Attention, rope_tables, segment_mask
+from models.attention import Attention, KVCache, cache_mask, rope_tables, segment_mask
 from models.axes import constrain, embedding_lookup, param
+from models.lora import TARGETS, LoRA, matching_targets
 from models.loss import head_logits
 from models.mlp import MLP
 from models.moe import MoEMLP
@@ -49,15 +50,19 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int = 0  # 0: same as n_heads; fewer gives grouped-query attention
+    head_dim: int = 0  # 0: d_model // n_heads (Qwen3 sets its own)
     d_ff: int = 0  # 0: 4 * d_model for gelu, the parameter-matched 8/3 * d_model (rounded to 8) for swiglu
     max_seq_len: int = 256
     positions: Literal["rope", "learned"] = "rope"
     rope_theta: float = 10_000.0
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_eps: float = 1e-5
     mlp: Literal["gelu", "swiglu"] = "gelu"
     gelu_approximate: bool = True  # tanh GELU (as GPT-2); the exact erf form is much slower to differentiate on CPU
     tie_embeddings: bool = True
-    use_bias: bool = False
+    use_bias: bool = False  # biases on every projection (GPT-2)
+    qkv_bias: bool = False  # biases on the query/key/value projections only (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
     dropout: float = 0.0
     init_std: float = 0.02
     scan_layers: bool = False  # nnx.scan over layers: compile time stays flat as depth grows
@@ -77,16 +82,24 @@ class ModelConfig:
     moe_d_ff: int = 0  # hidden width of each expert; 0: the dense MLP's width
     moe_lb_weight: float = 0.01  # load-balancing loss weight (Switch Transformer), per MoE layer
     moe_z_weight: float = 0.001  # router z-loss weight (ST-MoE), per MoE layer
+    # LoRA (models/lora.py): with lora_rank > 0, the projections whose names (attn/wq_DNH, attn/wkv_D2KH, attn/wo_NHD,
+    # mlp/wi_DCF, mlp/wo_FD) lora_targets finds (re.search) get an adapter scaled by lora_alpha / lora_rank.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "attn/|mlp/"
     # Tokens per device whose float32 logits the training loss holds at once (models/loss.py); 0: as many as
     # keep one chunk under 256 MiB (2^26 / vocab_size tokens), which never chunks a small vocabulary.
     loss_chunk: int = 0
 
     def __post_init__(self):
         kv = self.n_kv_heads or self.n_heads
-        if self.d_model % self.n_heads:
+        if self.d_model % self.n_heads and not self.head_dim:
             raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
-        if (self.d_model // self.n_heads) % 2 and self.positions == "rope":
-            raise ValueError("model.d_model / model.n_heads must be even for rotary positions")
+        if self.head_dim < 0 or self.norm_eps <= 0:
+            raise ValueError("model.head_dim must be >= 0 (0: d_model / n_heads) and model.norm_eps > 0")
+        if self.head_size % 2 and self.positions == "rope":
+            raise ValueError("model.head_dim (d_model / n_heads by default) must be even for rotary positions")
         if self.n_heads % kv:
             raise ValueError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({kv})")
         if not 0.0 <= self.dropout < 1.0:
@@ -96,6 +109,11 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.loss_chunk < 0:
             raise ValueError(f"model.loss_chunk must be >= 0 (0: automatic), got {self.loss_chunk}")
+        if self.lora_rank < 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError("model.lora_rank must be >= 0 and model.lora_dropout in [0, 1)")
+        if self.lora_rank and not matching_targets(self.lora_targets):
+            raise ValueError(f"model.lora_targets: {self.lora_targets!r} matches no projection; choose among "
+                             f"{', '.join(TARGETS)} (a regex, e.g. 'attn/' or 'wq|wkv')")
         if self.moe_experts < 0 or self.moe_every < 1:
             raise ValueError("model.moe_experts must be >= 0 and model.moe_every >= 1")
         if self.moe_experts:
@@ -109,6 +127,11 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        """Width of one attention head."""
+        return self.head_dim or self.d_model // self.n_heads
 
     @property
     def ff_dim(self) -> int:
@@ -136,8 +159,8 @@ class ModelConfig:
 
 
 class Norm(nnx.Module):
-    def __init__(self, dim: int, kind: str, rngs: nnx.Rngs, param_dtype=jnp.float32):
-        self.kind = kind
+    def __init__(self, dim: int, kind: str, rngs: nnx.Rngs, param_dtype=jnp.float32, eps: float = 1e-5):
+        self.kind, self.eps = kind, eps
         self.scale_D = param(rngs, jax.nn.initializers.ones, (dim,), ("embed",), param_dtype)
         if kind == "layernorm":
             self.bias_D = param(rngs, jax.nn.initializers.zeros, (dim,), ("embed",), param_dtype)
@@ -146,7 +169,7 @@ class Norm(nnx.Module):
         x = x_BTD.astype(jnp.float32)  # statistics in float32 whatever the compute dtype
         if self.kind == "layernorm":
             x = x - x.mean(-1, keepdims=True)
-        y = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-5) * self.scale_D[...]
+        y = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps) * self.scale_D[...]
         if self.kind == "layernorm":
             y = y + self.bias_D[...]
         return y.astype(x_BTD.dtype)
@@ -159,19 +182,34 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def lora_factory(cfg: ModelConfig, rngs: nnx.Rngs):
+    """name, weight shape -> a LoRA adapter for the targeted projections (None elsewhere, or without LoRA)."""
+    targets = set(matching_targets(cfg.lora_targets)) if cfg.lora_rank else set()
+
+    def make(name: str, shape: tuple[int, ...]) -> LoRA | None:
+        if name not in targets:
+            return None
+        return LoRA(name, shape, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, rngs, DTYPES[cfg.param_dtype])
+
+    return make
+
+
 class Block(nnx.Module):
-    """Pre-norm attention block then MLP block, each added to the residual stream. Returns the new stream and
-    the MoE routing statistics of this layer ({} for a dense MLP)."""
+    """Pre-norm attention block then MLP block, each added to the residual stream. Returns the new stream, the MoE
+    routing statistics of this layer ({} for a dense MLP) and the layer's updated KV cache (None without one)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, moe: bool = False):
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2: residual writes shrink with depth
         dtype, pd = compute_dtype(cfg.dtype), DTYPES[cfg.param_dtype]
         self.dropout = cfg.dropout
-        self.attn_norm = Norm(cfg.d_model, cfg.norm, rngs, pd)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, use_bias=cfg.use_bias, init_std=cfg.init_std,
-                              out_std=out_std, implementation=cfg.attention_impl, dtype=dtype, param_dtype=pd, causal=cfg.causal,
-                              rngs=rngs)
-        self.mlp_norm = Norm(cfg.d_model, cfg.norm, rngs, pd)
+        self.lora_dropout = cfg.lora_rank > 0 and cfg.lora_dropout > 0
+        lora = lora_factory(cfg, rngs)
+        self.attn_norm = Norm(cfg.d_model, cfg.norm, rngs, pd, cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size, use_bias=cfg.use_bias,
+                              qkv_bias=cfg.qkv_bias, qk_norm_eps=cfg.norm_eps if cfg.qk_norm else 0.0,
+                              init_std=cfg.init_std, out_std=out_std, implementation=cfg.attention_impl, dtype=dtype,
+                              param_dtype=pd, causal=cfg.causal, lora=lora, rngs=rngs)
+        self.mlp_norm = Norm(cfg.d_model, cfg.norm, rngs, pd, cfg.norm_eps)
         if moe:
             self.mlp = MoEMLP(cfg.d_model, cfg.expert_ff_dim, cfg.moe_experts, top_k=cfg.moe_top_k,
                               capacity_factor=cfg.moe_capacity_factor, kind=cfg.mlp,
@@ -180,19 +218,25 @@ class Block(nnx.Module):
         else:
             self.mlp = MLP(cfg.d_model, cfg.ff_dim, kind=cfg.mlp, gelu_approximate=cfg.gelu_approximate,
                            use_bias=cfg.use_bias, init_std=cfg.init_std, out_std=out_std, dtype=dtype,
-                           param_dtype=pd, rngs=rngs)
+                           param_dtype=pd, lora=lora, rngs=rngs)
 
-    def __call__(self, x_BTD, mask, rope, key: jax.Array | None):
+    def __call__(self, x_BTD, mask, rope, key: jax.Array | None, cache: KVCache | None = None):
         k1, k2 = jax.random.split(key) if key is not None else (None, None)
+        # LoRA dropout draws its own keys (fold_in), so adding adapters leaves the block's dropout masks as they were.
+        k_attn, k_mlp = (jax.random.fold_in(key, 3), jax.random.fold_in(key, 4)) \
+            if key is not None and self.lora_dropout else (None, None)
         x_BTD = checkpoint_name(x_BTD, "block_input")
-        x_BTD = x_BTD + dropout(self.attn(self.attn_norm(x_BTD), mask, rope), self.dropout, k1)
+        y_BTD = self.attn(self.attn_norm(x_BTD), mask, rope, k_attn, cache)
+        if cache is not None:
+            y_BTD, cache = y_BTD
+        x_BTD = x_BTD + dropout(y_BTD, self.dropout, k1)
         x_BTD = checkpoint_name(x_BTD, "block_input")
         if isinstance(self.mlp, MoEMLP):
             y_BTD, stats = self.mlp(self.mlp_norm(x_BTD))
         else:
-            y_BTD, stats = self.mlp(self.mlp_norm(x_BTD)), {}
+            y_BTD, stats = self.mlp(self.mlp_norm(x_BTD), k_mlp), {}
         x_BTD = x_BTD + dropout(y_BTD, self.dropout, k2)
-        return constrain(x_BTD, ("batch", "length", "act_embed")), stats
+        return constrain(x_BTD, ("batch", "length", "act_embed")), stats, cache
 
 
 class LayerGroup(nnx.Module):
@@ -202,13 +246,13 @@ class LayerGroup(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.layers = nnx.List([Block(cfg, rngs, moe=j == cfg.moe_every - 1) for j in range(cfg.moe_every)])
 
-    def __call__(self, x_BTD, mask, rope, key: jax.Array | None):
+    def __call__(self, x_BTD, mask, rope, key: jax.Array | None, cache: tuple | None = None):
         keys = jax.random.split(key, len(self.layers)) if key is not None else [None] * len(self.layers)
-        stats = {}
-        for layer, k in zip(self.layers, keys):
-            x_BTD, s = layer(x_BTD, mask, rope, k)
-            stats = s or stats
-        return x_BTD, stats
+        stats, caches = {}, []
+        for i, (layer, k) in enumerate(zip(self.layers, keys)):
+            x_BTD, s, c = layer(x_BTD, mask, rope, k, None if cache is None else cache[i])
+            stats, caches = s or stats, caches + [c]
+        return x_BTD, stats, None if cache is None else tuple(caches)
 
 
 def scan_units(cfg: ModelConfig) -> int:
@@ -248,7 +292,7 @@ class Transformer(nnx.Module):
             self.blocks = make_blocks(rngs)
         else:
             self.blocks = nnx.List([Block(cfg, rngs, moe=cfg.is_moe_layer(i)) for i in range(cfg.n_layers)])
-        self.final_norm = Norm(cfg.d_model, cfg.norm, rngs, pd)
+        self.final_norm = Norm(cfg.d_model, cfg.norm, rngs, pd, cfg.norm_eps)
         if not cfg.tie_embeddings:
             self.head_DV = param(rngs, init, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pd)
 
@@ -261,12 +305,16 @@ class Transformer(nnx.Module):
         dropout_key: jax.Array | None = None,
         return_aux: bool = False,
         return_hidden: bool = False,
-    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+        cache=None,
+        cache_starts_B: jax.Array | None = None,
+    ):
         """Float32 logits (B, T, V). Segment ids keep attention inside each packed document.
 
         With return_hidden, the final normed hidden states (B, T, D) instead: the training loss turns them into
         logits a chunk at a time with `head_weights()` (models/loss.py). With return_aux, also a dict of MoE
         statistics and the weighted auxiliary loss `aux_loss` (empty for a dense model); see moe_aux.
+        With a KV cache (init_cache; generation), tokens_BT go to the cache slots from its write position on and
+        the call returns (logits, updated cache); row b's tokens start at slot cache_starts_B[b] (left padding).
         """
         cfg = self.cfg
         B, T = tokens_BT.shape
@@ -276,50 +324,68 @@ class Transformer(nnx.Module):
         if cfg.positions == "learned":
             x_BTD = x_BTD + jnp.take(self.pos_TD[...], positions_BT, axis=0)
         x_BTD = constrain(x_BTD.astype(compute_dtype(cfg.dtype)), ("batch", "length", "act_embed"))
-        if dropout_key is not None and cfg.dropout > 0:
+        if dropout_key is not None and (cfg.dropout > 0 or cfg.lora_dropout > 0):
             dropout_key, k = jax.random.split(dropout_key)
             x_BTD = dropout(x_BTD, cfg.dropout, k)
         else:
             dropout_key = None
-        mask = segment_mask(segment_ids_BT)
-        rope = rope_tables(positions_BT, cfg.d_model // cfg.n_heads, cfg.rope_theta) if cfg.positions == "rope" else None
-        x_BTD, stats = self._blocks(x_BTD, mask, rope, dropout_key)
+        if cache is None:
+            mask = segment_mask(segment_ids_BT)
+        else:
+            first = jax.tree.leaves(cache)[0]  # every layer's cache has the same slots and write position
+            at = jax.tree.leaves(cache)[-1].reshape(-1)[0]
+            mask = cache_mask(positions_BT, cache_starts_B, first.shape[-3], at)
+        rope = rope_tables(positions_BT, cfg.head_size, cfg.rope_theta) if cfg.positions == "rope" else None
+        x_BTD, stats, cache = self._blocks(x_BTD, mask, rope, dropout_key, cache)
         x_BTD = self.final_norm(x_BTD)
         out = x_BTD if return_hidden else head_logits(x_BTD, self.head_weights())
+        if cache is not None:
+            return out, cache
         return (out, moe_aux(cfg, stats)) if return_aux else out
 
     def head_weights(self) -> jax.Array:
         """The output head (D, V): the transposed embedding when tied."""
         return self.embed_VD[...].T if self.cfg.tie_embeddings else self.head_DV[...]
 
-    def _blocks(self, x_BTD, mask, rope, dropout_key) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Run the layers; returns the residual stream and the MoE layers' statistics stacked ({} if dense)."""
+    def _blocks(self, x_BTD, mask, rope, dropout_key, cache):
+        """Run the layers: (residual stream, MoE statistics stacked over layers ({} if dense), updated cache)."""
         cfg = self.cfg
         policy = REMAT_POLICIES[cfg.remat]
 
-        def run_block(block, x, key):
-            return block(x, mask, rope, key)
+        def run_block(block, x, key, c):
+            return block(x, mask, rope, key, c)
 
-        if cfg.remat != "none":
+        if cfg.remat != "none" and cache is None:
             run_block = nnx.remat(run_block, policy=policy)
         if not cfg.scan_layers:
             keys = jax.random.split(dropout_key, cfg.n_layers) if dropout_key is not None else None
-            stats = []
+            stats, caches = [], []
             for i, block in enumerate(self.blocks):
-                x_BTD, s = run_block(block, x_BTD, None if keys is None else keys[i])
-                stats += [s] if s else []
-            return x_BTD, jax.tree.map(lambda *xs: jnp.stack(xs), *stats) if stats else {}
+                x_BTD, s, c = run_block(block, x_BTD, None if keys is None else keys[i],
+                                        None if cache is None else cache[i])
+                stats, caches = stats + ([s] if s else []), caches + [c]
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *stats) if stats else {}
+            return x_BTD, stacked, None if cache is None else caches
 
         n_units = scan_units(cfg)
         keys = jax.random.split(dropout_key, n_units) if dropout_key is not None else None
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0, 0),
                   transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def scan_blocks(x, block, key):
-            return run_block(block, x, None if keys is None else key)
+        def scan_blocks(x, block, key, c):
+            return run_block(block, x, None if keys is None else key, c)
 
         layer_keys = keys if keys is not None else jnp.zeros((n_units,), jnp.uint32)
-        return scan_blocks(x_BTD, self.blocks, layer_keys)
+        return scan_blocks(x_BTD, self.blocks, layer_keys, cache)
+
+
+def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32):
+    """Empty KV caches shaped like the layer stack: a list per layer, or stacked (units, ...) when scanned."""
+    one = lambda: KVCache.zeros(batch, slots, cfg.kv_heads, cfg.head_size, dtype)  # noqa: E731
+    per_unit = (lambda: tuple(one() for _ in range(cfg.moe_every))) if cfg.grouped_layers else one
+    if not cfg.scan_layers:
+        return [one() for _ in range(cfg.n_layers)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *[per_unit() for _ in range(scan_units(cfg))])
 
 
 def count_params(model: nnx.Module) -> int:

@@ -32,6 +32,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("expert", "expert"),
     ("layers", None),  # the stacked-layer axis that nnx.scan adds
+    ("lora", None),  # a LoRA adapter's rank: small, replicated; its other axes shard like the weight it adapts
 )
 
 LOGICAL_AXES = frozenset(name for name, _ in RULES)

@@ -154,7 +154,7 @@ def test_attention_matches_a_plain_softmax_reference():
     seg = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 0]])
     allowed = jnp.tril(jnp.ones((T, T), bool))[None, None] & segment_mask(seg)
     for impl in ("xla", "auto"):
-        attn = Attention(D, N, K, use_bias=False, init_std=0.3, out_std=0.3, implementation=impl, dtype=jnp.float32,
+        attn = Attention(D, N, K, D // N, use_bias=False, init_std=0.3, out_std=0.3, implementation=impl, dtype=jnp.float32,
                          rngs=nnx.Rngs(1))
         assert attn.implementation == pick_implementation(impl, jnp.float32, H) == "xla"
         q = jnp.einsum("btd,dnh->btnh", x, attn.wq_DNH[...])

@@ -77,7 +77,7 @@ def test_auto_attention_matches_numpy(dtype):
     x_BTD = jax.random.normal(jax.random.key(0), (B, T, D)).astype(dtype)  # rounded once, as the module would
     seg_BT = np.array([[0] * 5 + [1] * 11, [0] * 16])
     for causal in (True, False):
-        attn = Attention(D, N, K, use_bias=False, init_std=0.3, out_std=0.3, implementation="auto",
+        attn = Attention(D, N, K, D // N, use_bias=False, init_std=0.3, out_std=0.3, implementation="auto",
                          dtype=jnp.dtype(dtype), causal=causal, rngs=nnx.Rngs(1))
         assert attn.implementation == ("cudnn" if on_gpu and dtype == "bfloat16" else "xla")
         weights = [w[...].astype(dtype) for w in (attn.wq_DNH, attn.wkv_D2KH, attn.wo_NHD)]  # what the matmuls see

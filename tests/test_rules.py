@@ -15,6 +15,7 @@ VARIANTS = {
     "layernorm": dict(norm="layernorm"),
     "moe": dict(moe_experts=4),
     "moe every 2 + scan": dict(moe_experts=4, moe_every=2, scan_layers=True),
+    "lora + qwen3-style + scan": dict(lora_rank=4, qk_norm=True, qkv_bias=True, head_dim=16, scan_layers=True),
 }
 
 

@@ -40,7 +40,7 @@ PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
 def matmul_params_per_token(cfg: ModelConfig) -> int:
     """Matmul parameters one token passes through: all of a dense model's, only top_k experts' of an MoE
     layer (plus its router), and the output head. Embedding lookups are not matmuls."""
-    head_dim = cfg.d_model // cfg.n_heads
+    head_dim = cfg.head_size
     attn = cfg.d_model * head_dim * (2 * cfg.n_heads + 2 * cfg.kv_heads)
     n_in = 2 if cfg.mlp == "swiglu" else 1
     dense_mlp = (n_in + 1) * cfg.d_model * cfg.ff_dim
@@ -51,7 +51,7 @@ def matmul_params_per_token(cfg: ModelConfig) -> int:
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Model FLOPs of one training token (forward and backward); causal attention counts half the T x T."""
-    attention = 12 * cfg.n_layers * seq_len * cfg.n_heads * (cfg.d_model // cfg.n_heads)
+    attention = 12 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_size
     if cfg.causal:
         attention /= 2
     return 6.0 * matmul_params_per_token(cfg) + attention

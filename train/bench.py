@@ -70,7 +70,7 @@ def bench(cfg: Config, *, steps: int = 20, warmup: int = 3, json_path: str | Non
         "param_dtype": cfg.model.param_dtype,
         "remat": cfg.model.remat,
         "attention": pick_implementation(cfg.model.attention_impl, compute_dtype(cfg.model.dtype),
-                                         cfg.model.d_model // cfg.model.n_heads),
+                                         cfg.model.head_size),
         "scan_layers": cfg.model.scan_layers,
         "batch_size": tc.batch_size,
         "seq_len": tc.seq_len,

@@ -41,6 +41,12 @@ class TrainConfig:
     nonfinite: Literal["skip", "stop"] = "skip"  # a step with NaN/Inf gradients is skipped; or stop the run
     max_nonfinite_in_a_row: int = 20  # with "skip": stop after this many consecutive skipped steps
     spike_factor: float = 3.0  # log a loss spike when a step's loss exceeds this x the running mean; 0: off
+    # Start from pretrained weights: a HuggingFace folder (config.json, *.safetensors, tokenizer.json) or another
+    # meshforge run's workdir. The architecture (model.*) and the tokenizer then come from there.
+    init_from: str = ""
+    # Train only the parameters whose path (e.g. blocks/0/attn/wq_DNH, final_norm/scale_D) this regex finds;
+    # "" trains all (with LoRA: the adapters only, plus what this regex finds).
+    trainable: str = ""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_batch_size", "keep_checkpoints", "log_every"):

@@ -21,6 +21,7 @@ from data.pipeline import Pipeline, build_pipeline
 from models.attention import why_not_cudnn
 from models.transformer import compute_dtype
 from optim.chains import build_optimizer
+from optim.trainable import select
 from parallel.errors import UserError
 from parallel.hosts import StepFlags
 from parallel.mesh import batch_divisor, batch_sharding, make_mesh
@@ -84,7 +85,7 @@ def resolve_model(cfg: Config, vocab_size: int) -> Config:
     if m.dtype == "auto":  # record the compute dtype this platform gets (config.json, bench, MFU peak)
         m = dataclasses.replace(m, dtype=jnp.dtype(compute_dtype("auto")).name)
     # attention_impl "auto" stays in the config: each platform that loads the run resolves it for itself.
-    if m.attention_impl == "cudnn" and (why := why_not_cudnn(compute_dtype(m.dtype), m.d_model // m.n_heads)):
+    if m.attention_impl == "cudnn" and (why := why_not_cudnn(compute_dtype(m.dtype), m.head_size)):
         raise UserError(f"model.attention_impl: {why}; use auto (cuDNN where it can) or xla")
     if m.vocab_size == 0:
         m = dataclasses.replace(m, vocab_size=-(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
@@ -125,8 +126,8 @@ def build(cfg: Config, workdir: Path | None = None) -> Setup:
     tc = cfg.train
     data = build_pipeline(cfg.data, batch_size=tc.batch_size, seq_len=tc.seq_len, seed=tc.seed, workdir=workdir)
     cfg = resolve_model(cfg, data.tokenizer.vocab_size)
-    mdef = model_def(cfg.model)
-    tx, schedule = build_optimizer(cfg.optim, cfg.train.steps, mdef.logical_axes())
+    mdef = model_def(cfg.model, cfg.train.trainable)
+    tx, schedule = build_optimizer(cfg.optim, cfg.train.steps, select(mdef.logical_axes(), mdef.trainable))
     shardings = state_shardings(tx, mdef, mesh)
     return Setup(cfg, mesh, data, mdef, tx, schedule, shardings, batch_sharding(mesh), StepFlags(mesh))
 
@@ -139,7 +140,7 @@ def check_resumable(cfg: Config, workdir: Path) -> None:
     saved_cfg = json.loads(path.read_text())
     saved, now = saved_cfg.get("model", {}), dataclasses.asdict(cfg.model)
     shape_keys = ["vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "positions", "norm", "mlp",
-                  "tie_embeddings", "use_bias", "scan_layers", "param_dtype", "moe_experts", "moe_every", "moe_d_ff"]
+                  "tie_embeddings", "use_bias", "head_dim", "qkv_bias", "qk_norm", "lora_rank", "lora_targets", "scan_layers", "param_dtype", "moe_experts", "moe_every", "moe_d_ff"]
     if now["positions"] == "learned":
         shape_keys.append("max_seq_len")  # the position table's length
     diff = [f"model.{k}: {saved.get(k)} -> {now[k]}" for k in shape_keys if k in saved and saved[k] != now[k]]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -17,6 +18,7 @@ from flax.core import spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models.transformer import ModelConfig, Transformer
+from optim.trainable import select, trainable_mask
 from parallel.errors import UserError
 from parallel.rules import RULES
 
@@ -28,6 +30,7 @@ class ModelDef:
     cfg: ModelConfig
     graphdef: Any
     abstract: nnx.State  # Variables holding ShapeDtypeStructs and their logical-axis metadata
+    trainable: Any = None  # optim.trainable mask: which parameters the optimizer updates (None: all)
 
     def module(self, params: dict) -> Transformer:
         state = jax.tree.map(lambda v: v, self.abstract)  # a fresh copy to fill
@@ -49,9 +52,14 @@ class ModelDef:
                                              self.abstract, is_leaf=is_var))
 
 
-def model_def(cfg: ModelConfig) -> ModelDef:
+def model_def(cfg: ModelConfig, trainable: str = "") -> ModelDef:
+    """The model's graph and abstract state; `trainable` (train.trainable) and LoRA decide what trains."""
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    return ModelDef(cfg, graphdef, abstract)
+    try:
+        mask = trainable_mask(nnx.to_pure_dict(abstract), trainable, lora=cfg.lora_rank > 0)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return ModelDef(cfg, graphdef, abstract, mask)
 
 
 def param_shardings(mdef: ModelDef, mesh: Mesh) -> dict:
@@ -77,8 +85,8 @@ def state_shardings(tx: optax.GradientTransformation, mdef: ModelDef, mesh: Mesh
     """Shardings for the whole state: optimizer moments follow their parameter, scalars are replicated."""
     p_shard = param_shardings(mdef, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_shapes = jax.eval_shape(tx.init, mdef.param_shapes())
-    opt_shard = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, p_shard,
+    opt_shapes = jax.eval_shape(tx.init, select(mdef.param_shapes(), mdef.trainable))
+    opt_shard = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, select(p_shard, mdef.trainable),
                                       transform_non_params=lambda _: replicated)
     return {"step": replicated, "params": p_shard, "opt_state": opt_shard}
 
@@ -86,18 +94,33 @@ def state_shardings(tx: optax.GradientTransformation, mdef: ModelDef, mesh: Mesh
 def abstract_state(tx: optax.GradientTransformation, mdef: ModelDef, shardings: State) -> State:
     """ShapeDtypeStructs carrying the *current* mesh's shardings: the restore target for Orbax."""
     shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": mdef.param_shapes(),
-              "opt_state": jax.eval_shape(tx.init, mdef.param_shapes())}
+              "opt_state": jax.eval_shape(tx.init, select(mdef.param_shapes(), mdef.trainable))}
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def init_state(tx: optax.GradientTransformation, mdef: ModelDef, shardings: State, seed: int) -> State:
-    """Initialise parameters and optimizer state inside one jit whose outputs are already sharded."""
+def init_state(tx: optax.GradientTransformation, mdef: ModelDef, shardings: State, seed: int,
+               initial: Callable[[dict], dict] | None = None) -> State:
+    """Initialise parameters and optimizer state inside one jit whose outputs are already sharded.
 
-    def init():
+    `initial(param_shardings)` gives pretrained parameters (train.init_from), already sharded, for every leaf it
+    has; the leaves it lacks (new LoRA adapters) keep their fresh initialisation. XLA drops the unused fresh ones.
+    """
+    loaded = initial(shardings["params"]) if initial else None
+
+    def init(loaded):
         params = mdef.init_params(seed)
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        if loaded is not None:
+            params = overlay(params, loaded)
+        return {"step": jnp.zeros((), jnp.int32), "params": params,
+                "opt_state": tx.init(select(params, mdef.trainable))}
 
-    return jax.jit(init, out_shardings=shardings)()
+    return jax.jit(init, out_shardings=shardings, donate_argnums=0)(loaded)
+
+
+def overlay(params: dict, loaded: dict) -> dict:
+    """`params` with every leaf that `loaded` (a nested dict, possibly partial) also has taken from it."""
+    return {k: (overlay(v, loaded[k]) if isinstance(v, dict) else loaded[k]) if k in loaded else v
+            for k, v in params.items()}
 
 
 def count_params(params: dict) -> int:

@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding
 
 from models.loss import cross_entropy_sums
 from optim.chains import accumulate_gradients, nonfinite_counts, schedule_count
+from optim.trainable import combine, select
 from train.state import ModelDef, State
 
 
@@ -33,7 +34,7 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, schedule: 
     """The jitted step (state, batch) -> (state, metrics). With flags_sharding it takes a third argument, the
     per-device host flags of parallel.hosts.StepFlags, and returns their max over all devices as
     metrics['flags']: every process reads the same decision from the same step, without a host round trip."""
-    use_dropout = mdef.cfg.dropout > 0
+    use_dropout = mdef.cfg.dropout > 0 or (mdef.cfg.lora_rank > 0 and mdef.cfg.lora_dropout > 0)
 
     def loss_sums(params, batch, key):
         ce_sum, weight_sum, aux = _forward_sums(mdef, params, batch, key if use_dropout else None)
@@ -46,19 +47,23 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, schedule: 
             return ce_sum + aux["moe_aux_loss"], (weight_sum, sums)
         return ce_sum, (weight_sum, sums)
 
+    mask = mdef.trainable  # frozen parameters get no gradient, no optimizer state, no update
+
     def train_step(state: State, batch: dict) -> tuple[State, dict]:
         # Dropout's own stream: nnx.Rngs(params=seed) draws init keys as fold_in(key(seed), i), i = 0, 1, ...,
         # so fold_in(key(seed), step) would reuse them. 0x64726F70 ("drop") is far past any count of init keys.
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0x64726F70), state["step"])
-        _, weight_sum, sums, grad_sums = accumulate_gradients(loss_sums, state["params"], batch, accum_steps, key)
+        trained = select(state["params"], mask)
+        sums_of = lambda t, b, k: loss_sums(combine(state["params"], t, mask), b, k)  # noqa: E731
+        _, weight_sum, sums, grad_sums = accumulate_gradients(sums_of, trained, batch, accum_steps, key)
         # Gradients take their parameter's layout at once: with FSDP the batch-sharded partial sums become a
         # reduce-scatter, and clipping's norm is computed on shards instead of a replicated copy.
-        grad_sums = jax.lax.with_sharding_constraint(grad_sums, state_shardings["params"])
+        grad_sums = jax.lax.with_sharding_constraint(grad_sums, select(state_shardings["params"], mask))
         denom = jnp.maximum(weight_sum, 1.0)
         # (in the parameters' dtype: with bfloat16 parameters the optimizer state must keep its dtype)
-        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sums, state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sums, trained)
+        updates, opt_state = tx.update(grads, state["opt_state"], trained)
+        params = combine(state["params"], optax.apply_updates(trained, updates), mask)
         in_a_row, skipped = nonfinite_counts(opt_state)
         # The lr this update applied: the schedule counts applied updates, so it does not advance on a skipped step.
         lr = schedule(schedule_count(state["opt_state"]))
