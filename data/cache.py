@@ -57,6 +57,8 @@ def tokenizer_key(cfg: DataConfig) -> str:
         else:
             parts.append(source_fingerprint(key, src))
     deps = {"version": VERSION, "kind": cfg.tokenizer, "specials": list(SPECIALS), "sources": parts}
+    if cfg.objective == "sft":  # fitted to the rendered examples (keys only added here: other caches keep names)
+        deps["sft"] = [cfg.prompt_field, cfg.response_field, cfg.messages_field, cfg.sft_template]
     if cfg.tokenizer == "bpe":
         deps.update(vocab_size=cfg.bpe_vocab_size, val_fraction=cfg.val_fraction)
     return f"{cfg.tokenizer}-{digest(deps)}.json"
@@ -66,6 +68,11 @@ def _source_texts(cfg: DataConfig, root: Path, split: str):
     """Batches of document texts from every file/generator source (split 'train' or 'all')."""
     for key, src in cfg.source_list():
         if source_kind(src.path) == "synthetic":
+            continue
+        if cfg.objective == "sft":  # rows of prompts and responses, rendered by data.sft_template
+            from data.sft_examples import example_texts  # it imports this module
+
+            yield from example_texts(key, src, cfg, root / "hf", train_only=split == "train")
             continue
         docs = load_documents(key, src, root / "hf")
         if split == "train":

@@ -3,11 +3,25 @@
 Two modes. `windows` (the default) reads one text file and samples random windows from its token stream, as
 nanoGPT does. `packed` reads documents through HuggingFace `datasets` (text/JSONL/Parquet files or folders,
 Python generators, synthetic tasks, weighted mixtures), packs them into fixed-length rows with segment ids,
-caches the rows on disk, and applies an objective (causal, masked or span corruption).
+caches the rows on disk, and applies an objective (causal, masked, span corruption, or sft).
+
+Supervised fine-tuning (`objective = "sft"`, packed mode; data/sft.py): each JSONL/Parquet row is one example,
+either a prompt and a response (`prompt_field`, `response_field`) or a chat (`messages_field`: a list of
+{role, content}). It is rendered by `sft_template`, a Python format string with `{prompt}` (e.g.
+"### Question:\n{prompt}\n### Answer:\n"; the response follows, then <eos>), or, when that is empty, by the
+tokenizer's own chat template (a HuggingFace folder in `tokenizer_path`; a prompt/response row becomes a user
+and an assistant message). Only response tokens (each assistant turn's content and its end) are trained;
+several examples are packed into each row of train.seq_len + 1 tokens with document masking, and an example
+longer than a row is cut (counted, one warning). The validation split is the last `val_fraction` of the examples.
+
+`tokenizer_path` may name a saved tokenizer JSON, a HuggingFace folder (tokenizer.json + tokenizer_config.json,
+maybe config.json, chat_template.jinja) or that folder's tokenizer.json: the folder's eos token serves as <eos>,
+its pad token (else eos) as <pad>, and its chat template is kept with the tokenizer.
 """
 from __future__ import annotations
 
 import dataclasses
+import string
 from typing import Literal
 
 SplitBy = Literal["document", "paragraph", "line"]
@@ -35,9 +49,10 @@ class DataConfig:
     split_by: SplitBy = "document"  # for `path` (see SourceConfig)
     text_field: str = "text"  # for `path` (see SourceConfig)
     tokenizer: Literal["char", "byte", "bpe"] = "char"
-    tokenizer_path: str = ""  # use this saved tokenizer (ours or a HF tokenizers JSON) instead of building one
+    # use this saved tokenizer instead of building one: ours, a HF tokenizers JSON, or a HF tokenizer folder
+    tokenizer_path: str = ""
     bpe_vocab_size: int = 2048
-    objective: Literal["causal", "masked", "span"] = "causal"
+    objective: Literal["causal", "masked", "span", "sft"] = "causal"
     mask_rate: float = 0.15  # masked: fraction of tokens predicted; span: fraction of tokens corrupted
     span_mean: float = 3.0  # span: mean corrupted-span length
     loss_on_prompt: bool = False  # synthetic tasks: also train on predicting the prompt, not just the answer
@@ -48,6 +63,11 @@ class DataConfig:
     prefetch: int = 4  # packed: batches prepared ahead in a background thread (0: none)
     eval_problems: int = 256  # synthetic tasks: held-out problems sampled for exact match at each eval
     synthetic_val_rows: int = 64  # synthetic tasks: held-out rows in the validation loss
+    # sft (see the module docstring): where a row keeps its prompt, response or chat, and how it is rendered
+    prompt_field: str = "prompt"  # sft: prompt/response rows: the prompt text
+    response_field: str = "response"  # sft: prompt/response rows: the text to train on
+    messages_field: str = "messages"  # sft: chat rows: a list of {role, content} (used when a row has it)
+    sft_template: str = ""  # sft: format string with {prompt}, e.g. "Q: {prompt}\nA: "; "": the chat template
 
     def __post_init__(self):
         if not 0.0 < self.val_fraction < 1.0:
@@ -68,6 +88,14 @@ class DataConfig:
         if self.bpe_vocab_size < 300:
             raise ValueError(f"data.bpe_vocab_size must be >= 300 (256 bytes + special tokens), "
                              f"got {self.bpe_vocab_size}")
+        if self.sft_template:
+            try:
+                fields = {f for _, f, _, _ in string.Formatter().parse(self.sft_template) if f is not None}
+            except ValueError:
+                fields = set()
+            if fields != {"prompt"}:
+                raise ValueError(f"data.sft_template must be a format string whose only field is {{prompt}} "
+                                 f"(write literal braces as {{{{ }}}}), got {self.sft_template!r}")
         generated = self.path.startswith(("synthetic:", "generator:"))
         if self.mode == "windows" and (self.sources or self.objective != "causal" or generated):
             what = "data.sources" if self.sources else f"data.path {self.path!r}" if generated else \

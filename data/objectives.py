@@ -6,6 +6,7 @@ token may be a training target; synthetic prompts are 0). Every objective return
 (seed, split, sample position), so a batch is the same on any host and after any restart.
 
 - causal: next-token prediction inside each document.
+- sft: causal over packed fine-tuning examples; the loss mask (response tokens, data/sft.py) picks the targets.
 - masked: BERT-style; 15% of the tokens are targets, of which 80% become <mask>, 10% a random token, 10% stay.
   Needs a bidirectional model (model.causal false).
 - span: T5-style span corruption, for a decoder-only model. Random spans (15% of the tokens, mean length 3)
@@ -49,7 +50,7 @@ class Objective:
 
     def __call__(self, win: Windows, positions: np.ndarray, split: str = "train") -> dict[str, np.ndarray]:
         """positions: the global sample position of each window (keys its random choices)."""
-        if self.kind == "causal":
+        if self.kind in ("causal", "sft"):
             return self.causal(win)
         if self.kind == "masked":
             return self.masked(win, positions, split)

@@ -1,4 +1,5 @@
-"""The packed pipeline: sources -> cached packed rows (or generated task rows) -> mixture order -> objective.
+"""The packed pipeline: sources -> cached packed rows (or generated task rows, or packed sft examples) -> mixture
+order -> objective.
 
 Sample position p of the run (step * batch_size + row, counted from the last restore) decides everything: which
 source (MixtureSchedule), which row of it (a per-epoch permutation), and the objective's random choices. A host
@@ -17,6 +18,7 @@ from data.config import DataConfig, SourceConfig
 from data.hashing import digest
 from data.loader import Batch, MixtureSchedule, Prefetcher, eval_plan, permute
 from data.objectives import SPLIT_IDS, Objective, Windows
+from data.sft import SFTSource
 from data.sources import source_kind
 from data.synthetic import HELD_OUT_SEED, Task, make_task, task_salt
 from data.tokenize import Tokenizer, fingerprint
@@ -122,15 +124,17 @@ class PackedPipeline:
             if source_kind(src.path) == "synthetic":
                 tasks[key] = make_task(key, src.path)
                 check_task_fits(key, tasks[key], seq_len)
-            else:
+            elif cfg.objective != "sft":  # sft packs whole examples into rows of seq_len + 1 itself
                 check_seq_len(seq_len, cfg.pack_len or seq_len)
         if tokenizer is None:
             tokenizer, _ = get_tokenizer(cfg)
         self.tokenizer = tokenizer
-        self.sources: list[CorpusSource | TaskSource] = []
+        self.sources: list[CorpusSource | TaskSource | SFTSource] = []
         for i, (key, src) in enumerate(cfg.source_list()):
-            if key in tasks:
+            if key in tasks:  # a task's prompts carry no loss already, so tasks mix with sft sources as they are
                 self.sources.append(TaskSource(key, src, tasks[key], cfg, tokenizer, seq_len, seed))
+            elif cfg.objective == "sft":
+                self.sources.append(SFTSource(key, src, i, cfg, tokenizer, seq_len, seed))
             else:
                 self.sources.append(CorpusSource(key, src, i, cfg, tokenizer, seq_len, seed))
         self.tasks: list[Task] = [s.task for s in self.sources if isinstance(s, TaskSource)]

@@ -6,7 +6,8 @@ the loader's position, which `state(step)` reports for the checkpoint and `resto
 `tasks` are the synthetic tasks in the data, whose exact-match accuracy the loop measures from model samples.
 
 Two implementations: `TextPipeline` (data.mode windows: random windows of one text file) and
-`data.packed.PackedPipeline` (data.mode packed: datasets-backed sources, packing, objectives, mixtures).
+`data.packed.PackedPipeline` (data.mode packed: datasets-backed sources, packing, objectives, mixtures, and
+supervised fine-tuning examples, data/sft.py). `data.tokenizer_path` may name a HuggingFace tokenizer folder.
 """
 from __future__ import annotations
 

@@ -3,7 +3,9 @@
 All three map text to int32 ids and back exactly, save as one JSON file (next to the data cache and into the run's
 workdir), and may carry special tokens (padding, end of document, mask, span sentinels) that the packed pipeline
 and its objectives use. A tokenizer's `fingerprint` (a hash of its JSON) keys the data cache, so a changed
-tokenizer is never silently paired with rows tokenized by another one.
+tokenizer is never silently paired with rows tokenized by another one. A HuggingFace tokenizer folder loads as a
+BPETokenizer whose <eos>/<pad> are the folder's own tokens and which carries its chat template
+(data/hf_tokenizer.py); both survive the round trip through `to_json`.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ class Tokenizer(Protocol):
     vocab_size: int  # every id the tokenizer can produce, special tokens included
 
     def encode(self, text: str) -> np.ndarray: ...
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]: ...
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[np.ndarray]: ...
     def decode(self, ids) -> str: ...
     def special_id(self, name: str) -> int: ...
     def regular_ids(self) -> np.ndarray: ...
@@ -64,8 +66,8 @@ class _Specials(_SpecialIds):
     def regular_ids(self) -> np.ndarray:
         return np.arange(self.base_size, dtype=np.int32)
 
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        return [self.encode(t) for t in texts]
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]  # these tokenizers never add specials of their own
 
     def _decode_with(self, ids, decode_regular) -> str:
         out, run = [], []
@@ -131,13 +133,27 @@ class BPETokenizer(_SpecialIds):
 
     kind = "bpe"
     _no_special = ("this BPE tokenizer has no special token {name}; train it with meshforge's specials "
-                   "(meshforge tokenizer train)")
+                   "(meshforge tokenizer train), or give data.tokenizer_path a HuggingFace folder whose "
+                   "tokenizer_config.json names eos_token")
 
-    def __init__(self, tok):
+    def __init__(self, tok, special_tokens: dict[str, str] | None = None, chat_template: str = ""):
+        """special_tokens: a HuggingFace folder's {bos_token, eos_token, pad_token: token text}; they stand in
+        for meshforge's <eos> / <pad> (pad falls back to eos). chat_template: the folder's Jinja chat template."""
         self.tok = tok
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v}
+        self.chat_template = chat_template or ""
         specials = [t for t in SPECIALS if tok.token_to_id(t) is not None]
         self._special_index = {t: tok.token_to_id(t) for t in specials}
+        for name, token in self.special_tokens.items():
+            if tok.token_to_id(token) is None:
+                raise UserError(f"data.tokenizer_path: the tokenizer's {name} {token!r} is not in its vocabulary")
+        aliases = {"<bos>": "bos_token", "<eos>": "eos_token", "<pad>": "pad_token"}
+        if "pad_token" not in self.special_tokens:  # HF causal LMs rarely name one; padding is never trained
+            aliases["<pad>"] = "eos_token"
+        for name, key in aliases.items():
+            if key in self.special_tokens:  # the folder's own choice wins over a token that happens to be named so
+                self._special_index[name] = tok.token_to_id(self.special_tokens[key])
 
     @classmethod
     def train(cls, texts: Iterable[list[str]], vocab_size: int, specials: tuple[str, ...] = SPECIALS,
@@ -154,16 +170,19 @@ class BPETokenizer(_SpecialIds):
         return cls(tok)
 
     @classmethod
-    def from_str(cls, spec: str) -> "BPETokenizer":
+    def from_str(cls, spec: str, special_tokens: dict[str, str] | None = None,
+                 chat_template: str = "") -> "BPETokenizer":
         from tokenizers import Tokenizer as HFTokenizer
 
-        return cls(HFTokenizer.from_str(spec))
+        return cls(HFTokenizer.from_str(spec), special_tokens, chat_template)
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.tok.encode(text).ids, dtype=np.int32)
 
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.asarray(e.ids, dtype=np.int32) for e in self.tok.encode_batch(texts)]
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[np.ndarray]:
+        """add_special_tokens False: no BOS/EOS from the tokenizer's post-processor (text a template rendered)."""
+        return [np.asarray(e.ids, dtype=np.int32)
+                for e in self.tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -173,7 +192,12 @@ class BPETokenizer(_SpecialIds):
                             np.fromiter(self._special_index.values(), np.int32, len(self._special_index)))
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "tokenizer": self.tok.to_str()}
+        out = {"kind": self.kind, "tokenizer": self.tok.to_str()}
+        if self.special_tokens:  # only when set: a plain BPE keeps its fingerprint (and its data caches)
+            out["special_tokens"] = dict(sorted(self.special_tokens.items()))
+        if self.chat_template:
+            out["chat_template"] = self.chat_template
+        return out
 
 
 def fingerprint(tok: Tokenizer) -> str:
@@ -211,7 +235,7 @@ def tokenizer_from_json(spec: dict, where: str = "tokenizer") -> Tokenizer:
         if kind == "byte":
             return ByteTokenizer(specials)
         if kind == "bpe":
-            return BPETokenizer.from_str(spec["tokenizer"])
+            return BPETokenizer.from_str(spec["tokenizer"], spec.get("special_tokens"), spec.get("chat_template", ""))
         if "model" in spec and "pre_tokenizer" in spec:  # a HuggingFace tokenizers JSON file
             return BPETokenizer.from_str(json.dumps(spec))
     except Exception as e:  # noqa: BLE001 - a broken file surfaces as KeyError, TypeError or tokenizers' own type
@@ -222,12 +246,20 @@ def tokenizer_from_json(spec: dict, where: str = "tokenizer") -> Tokenizer:
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
+    """A tokenizer JSON (ours, or a HF tokenizers file), or a HuggingFace folder (see data/hf_tokenizer.py)."""
+    from data.hf_tokenizer import is_hf_folder, load_hf_folder
+
     path = Path(path).expanduser()
+    if path.is_dir():
+        return load_hf_folder(path)
     if not path.is_file():
         raise UserError(f"data.tokenizer_path: no such file: {path}; give a tokenizer JSON "
-                        "(e.g. a run's tokenizer.json) or leave it empty to build one")
+                        "(e.g. a run's tokenizer.json), a HuggingFace tokenizer folder, or leave it empty to "
+                        "build one")
     try:
         spec = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not a tokenizer JSON file ({e})") from None
+    if isinstance(spec, dict) and "kind" not in spec and is_hf_folder(path.parent):
+        return load_hf_folder(path.parent, path)  # a folder's tokenizer.json: its config names eos and template
     return tokenizer_from_json(spec, str(path))
