@@ -2,8 +2,9 @@
 
     meshforge train  EXPERIMENT [--workdir DIR] [--section.key VALUE ...]
     meshforge eval   [EXPERIMENT] [--workdir DIR] [--step N] [--section.key VALUE ...]
-    meshforge sample [EXPERIMENT] [--workdir DIR] [--step N] [--prompt TEXT] [--max-new-tokens N]
-                     [--temperature T] [--top-k K] [--num-samples N] [--seed S]
+    meshforge sample [EXPERIMENT] [--workdir DIR | --from DIR] [--step N] [--prompt TEXT] [--max-new-tokens N]
+                     [--temperature T] [--top-k K] [--top-p P] [--num-samples N] [--seed S]
+    meshforge export RUN --format hf|peft --out DIR [--step N]
     meshforge bench  EXPERIMENT [--section.key VALUE ...] [--steps N] [--warmup N] [--json FILE]
     meshforge bench  EXPERIMENT --data-only [--json FILE] [--seconds S] [--section.key VALUE ...]
     meshforge tokenizer train EXPERIMENT [--section.key VALUE ...]
@@ -23,7 +24,7 @@ from parallel.errors import UserError
 from train.health import TrainingHalted
 from train.workdir import StorageError
 
-VERBS = ("train", "eval", "sample", "bench", "tokenizer")
+VERBS = ("train", "eval", "sample", "bench", "tokenizer", "export")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,6 +36,13 @@ def _parser(verb: str) -> argparse.ArgumentParser:
     p = _Parser(prog=f"meshforge {verb}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     if verb == "tokenizer":
         p.add_argument("action", choices=["train"], help="train: build the data section's tokenizer into the cache")
+    if verb == "export":
+        p.add_argument("run", help="the run's workdir, e.g. runs/finetune_lora")
+        p.add_argument("--format", choices=["hf", "peft"], default="hf", help="hf: a transformers model folder "
+                       "(LoRA merged); peft: the LoRA adapters as a PEFT adapter folder")
+        p.add_argument("--out", required=True, help="folder to write (must be empty or new)")
+        p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+        return p
     needs_experiment = verb in ("train", "bench", "tokenizer")
     p.add_argument("experiment", nargs=None if needs_experiment else "?", help="experiment file, e.g. "
                    "experiments/shakespeare_char.py")
@@ -58,6 +66,10 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         p.add_argument("--max-new-tokens", type=int, default=200)
         p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
         p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+        p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens "
+                       "whose probability reaches p (1: all)")
+        p.add_argument("--from", dest="source", help="a HuggingFace model folder or a run's workdir to sample "
+                       "from (instead of EXPERIMENT / --workdir)")
         p.add_argument("--num-samples", type=int, default=1)
         p.add_argument("--seed", type=int, default=0)
     return p
@@ -109,7 +121,20 @@ def _config(verb: str, args, overrides):
 def run(verb: str, argv: list[str]) -> int:
     rest, overrides = split_overrides(argv)
     args = _parser(verb).parse_args(rest)
+    if verb == "export":
+        from interop.export_run import export_run
+
+        print(json.dumps(export_run(Path(args.run), args.format, Path(args.out), args.step)))
+        return 0
+    if verb == "sample" and args.source and is_hf(args.source):
+        return sample_hf(args, overrides)
+    if verb == "sample" and args.source:
+        args.workdir = args.source
     cfg, workdir = _config(verb, args, overrides)
+    if verb == "train" and cfg.train.init_from:
+        from interop.pretrained import starting_point
+
+        cfg, initial = starting_point(cfg)
 
     from parallel.mesh import configure_cpu_devices, default_cpu_devices, maybe_initialize_distributed, \
         resolve_launch
@@ -126,10 +151,11 @@ def run(verb: str, argv: list[str]) -> int:
         maybe_initialize_distributed(launch)
         from train.loop import train
 
-        train(cfg, workdir, fresh=args.fresh)
+        train(cfg, workdir, fresh=args.fresh, initial=initial if cfg.train.init_from else None)
         return 0
 
-    from train.loop import evaluate, restore_for_inference
+    from train.loop import evaluate
+    from train.restore import restore_for_inference
 
     setup, params, step = restore_for_inference(cfg, workdir, args.step)
     if verb == "eval":
@@ -149,28 +175,25 @@ def run(verb: str, argv: list[str]) -> int:
         print(json.dumps({"step": step, "val_loss": loss, **tasks, "workdir": str(workdir)}))
         return 0
 
-    from parallel.mesh import padded_rows
-    from train.sample import generate
+    from interop.sample import sample_run
 
-    if not setup.cfg.model.causal:
-        raise UserError(f"sample: {workdir} holds a bidirectional (masked-LM) model, which cannot generate text "
-                        "left to right; sample from a causal run")
-    if args.temperature < 0 or not math.isfinite(args.temperature):
-        raise UserError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
-    if args.num_samples < 1 or args.max_new_tokens < 0:
-        raise UserError("--num-samples must be >= 1 and --max-new-tokens >= 0")
-    prompt = setup.data.tokenizer.encode(args.prompt)
-    if len(prompt) == 0:
-        raise UserError("--prompt: give at least one character")
-    n = padded_rows(setup.mesh, args.num_samples)  # extra samples are dropped
-    out = generate(setup.mdef, params, prompt, max_new_tokens=args.max_new_tokens, window=setup.cfg.train.seq_len,
-                   vocab_limit=setup.data.tokenizer.vocab_size, temperature=args.temperature, top_k=args.top_k,
-                   seed=args.seed, num_samples=n)
-    for i, ids in enumerate(out[: args.num_samples]):
-        if args.num_samples > 1:
-            print(f"--- sample {i + 1} (step {step}) ---")
-        print(setup.data.tokenizer.decode(ids))
-    return 0
+    return sample_run(setup, params, step, args)
+
+
+def is_hf(path: str) -> bool:
+    from interop.pretrained import is_hf_folder
+
+    return is_hf_folder(Path(path).expanduser())
+
+
+def sample_hf(args, overrides) -> int:
+    from interop.sample import sample_folder
+    from parallel.mesh import configure_cpu_devices, default_cpu_devices
+    from train.config import Config, apply_overrides
+
+    cfg = apply_overrides(Config(), overrides)
+    configure_cpu_devices(cfg.mesh.cpu_devices or default_cpu_devices(cfg.mesh, args.num_samples))
+    return sample_folder(Path(args.source).expanduser(), cfg, args)
 
 
 def bench(cfg, args) -> int:

@@ -129,13 +129,13 @@ def cli_env(devices: int = 1) -> dict:
 
 def meshforge(*args, devices: int = 1, cwd=None, timeout=600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `meshforge ARGS` to completion; env adds variables (MESHFORGE_FAULTS, ...) to cli_env(devices)."""
-    return subprocess.run([sys.executable, "-m", "train.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], capture_output=True, text=True,
                           env={**cli_env(devices), **(env or {})}, cwd=cwd or REPO, timeout=timeout)
 
 
 def start_meshforge(*args, devices: int = 1, env: dict | None = None) -> subprocess.Popen:
     """Start `meshforge ARGS` in the background (stdout and stderr piped)."""
-    return subprocess.Popen([sys.executable, "-m", "train.cli", *map(str, args)], cwd=REPO, text=True,
+    return subprocess.Popen([sys.executable, "-m", "cli.main", *map(str, args)], cwd=REPO, text=True,
                             env={**cli_env(devices), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

@@ -23,7 +23,7 @@ def _losses(workdir):
 def _train_two_processes(workdir) -> list[str]:
     """stderr of each process; both must succeed."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "train.cli", "train", *ARGS, "--workdir", str(workdir),
+    procs = [subprocess.Popen([sys.executable, "-m", "cli.main", "train", *ARGS, "--workdir", str(workdir),
                                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
                               env=cli_env(2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]

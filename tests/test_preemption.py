@@ -22,7 +22,7 @@ ARGS = ["experiments/shakespeare_char.py", "--model.d_model", "32", "--model.n_l
 def two_processes(workdir, *extra, faults: tuple[str, str] = ("", "")) -> list[tuple[int, str]]:
     """(exit code, stderr) of each process of a 2-process run (2 fake CPU devices each)."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "train.cli", "train", *ARGS, *map(str, extra), "--workdir",
+    procs = [subprocess.Popen([sys.executable, "-m", "cli.main", "train", *ARGS, *map(str, extra), "--workdir",
                                str(workdir), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                "--process-id", str(i)],
                               env={**cli_env(2), "MESHFORGE_FAULTS": faults[i]}, cwd=REPO, stdout=subprocess.PIPE,

@@ -13,6 +13,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -124,7 +125,9 @@ class Compiled(NamedTuple):
     t_start: float  # when the command started: the run's wall time counts set-up too
 
 
-def train(cfg: Config, workdir: Path, fresh: bool = False) -> dict:
+def train(cfg: Config, workdir: Path, fresh: bool = False, initial: Callable | None = None) -> dict:
+    """Train (or resume) the run of `cfg` in `workdir`. `initial(mdef, param_shardings)` gives pretrained
+    parameters for a new run (train.init_from; interop.pretrained)."""
     t_start = time.perf_counter()
     workdir = Path(workdir)
     resuming = has_checkpoints(workdir / "checkpoints") and not fresh
@@ -147,7 +150,8 @@ def train(cfg: Config, workdir: Path, fresh: bool = False) -> dict:
             say(f"meshforge: --fresh: moved the earlier run in {workdir} to {moved}")
         if fresh:
             barrier("fresh")  # no process lists the workdir before the archive move is done
-        return _train(setup, workdir, target if resuming else None, Compiled(step, seconds, t_start))
+        start = target if resuming else (lambda sh: initial(setup.mdef, sh)) if initial else None
+        return _train(setup, workdir, start, Compiled(step, seconds, t_start))
     except Exception as e:
         if is_storage_failure(e):
             raise storage_error(workdir, e, latest_committed_step(workdir / "checkpoints")) from None
@@ -158,16 +162,17 @@ def train(cfg: Config, workdir: Path, fresh: bool = False) -> dict:
             lock.release()
 
 
-def _train(setup: Setup, workdir: Path, restore_target, compiled: Compiled) -> dict:
-    """restore_target: the abstract state to restore into when resuming, None for a new run."""
+def _train(setup: Setup, workdir: Path, start, compiled: Compiled) -> dict:
+    """start: the abstract state to restore into when resuming; for a new run None (random initialisation) or
+    a function of the param shardings giving pretrained parameters."""
     cfg, tc = setup.cfg, setup.cfg.train
     with activate(setup.mesh), PreemptionGuard(tc.preempt_grace_s) as preemption:
         ckpt = Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints, keep_every=tc.keep_every)
-        if restore_target is not None:
-            state, _extra, _ = ckpt.restore_latest_valid(restore_target, warn=lambda m: say(f"meshforge: warning: {m}"))
+        if start is not None and not callable(start):
+            state, _extra, _ = ckpt.restore_latest_valid(start, warn=lambda m: say(f"meshforge: warning: {m}"))
             setup.data.restore(_extra.get("data") or {})  # the loader continues from the saved position
         else:
-            state = init_state(setup.tx, setup.mdef, setup.shardings, tc.seed)
+            state = init_state(setup.tx, setup.mdef, setup.shardings, tc.seed, initial=start)
         start = int(jax.device_get(state["step"]))
         if start >= tc.steps:
             ckpt.close()
@@ -323,25 +328,3 @@ class Throughput:
             # at the median step time: the steady-state figure `meshforge bench` reports too
             "mfu": round(self._mfu(self.tokens / max(steps, 1) / (median / 1000)), 4) if self.peak and median else None,
         }
-
-
-def restore_for_inference(cfg: Config, workdir: Path, step: int | None = None):
-    """(setup, params, step) from a run's checkpoint, placed on the current mesh."""
-    workdir = Path(workdir)
-    if not has_checkpoints(workdir / "checkpoints"):
-        raise UserError(f"{workdir}: no checkpoints to load; train first, or pass the run's --workdir")
-    setup = build(cfg, workdir)
-    ckpt = Checkpointer(workdir / "checkpoints", read_only=True)  # a run may be saving into it right now
-    steps = ckpt.all_steps()
-    step = max(steps, default=None) if step is None else step
-    if step not in steps:
-        raise UserError(f"--step {step}: no such checkpoint in {workdir}; available: {', '.join(map(str, steps))}")
-    with activate(setup.mesh):
-        try:
-            state, _ = ckpt.restore_quietly(step, abstract_state(setup.tx, setup.mdef, setup.shardings))
-        except Exception as e:  # noqa: BLE001 - unreadable or made by another config: one line, not a traceback
-            raise UserError(f"checkpoint {step} in {workdir} cannot be restored ({e}); it is damaged or was "
-                            "written by an incompatible version or config") from None
-        finally:
-            ckpt.close()
-    return setup, state["params"], step

@@ -1,0 +1,57 @@
+"""`meshforge export RUN`: a run's checkpoint as a HuggingFace model folder (LoRA merged) or a PEFT adapter."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from parallel.errors import UserError
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out}: exists and is not an empty folder; choose a new folder (nothing is "
+                        "overwritten)")
+
+
+def export_run(run: Path, fmt: str, out: Path, step: int | None = None) -> dict:
+    from interop.hf_export import export_hf, to_host
+    from interop.pretrained import is_hf_folder
+    from models.lora import merge
+    from parallel.mesh import configure_cpu_devices
+    from train.config import from_dict
+
+    if not (run / "config.json").is_file():
+        raise UserError(f"export: {run} is not a meshforge run (no config.json); give the run's workdir")
+    _check_out(out)
+    cfg = from_dict(json.loads((run / "config.json").read_text()))
+    configure_cpu_devices(1)
+    # one device suffices to read a checkpoint: restore onto a single-device mesh, whatever it was trained on
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=1, tensor=1, expert=1,
+                                                            cpu_devices=1))
+    from train.restore import restore_for_inference
+
+    setup, params, step = restore_for_inference(cfg, run, step)
+    params = _host(params, to_host)
+    m = setup.cfg.model
+    source = Path(cfg.train.init_from).expanduser() if cfg.train.init_from else None
+    hf_dir = source if source is not None and source.is_dir() and is_hf_folder(source) else None
+    if fmt == "peft":
+        if not m.lora_rank:
+            raise UserError(f"export --format peft: {run} has no LoRA adapters (model.lora_rank 0); use --format hf")
+        from interop.peft_export import export_peft
+
+        export_peft(params, m, out, base_model=str(hf_dir or source or ""))
+        return {"step": step, "format": fmt, "out": str(out)}
+    if m.lora_rank:
+        params = merge(params, m.lora_alpha / m.lora_rank)
+    plain = dataclasses.replace(m, lora_rank=0)
+    hf_config = json.loads((hf_dir / "config.json").read_text()) if hf_dir else None
+    tokenizer = None if hf_dir else json.loads((run / "tokenizer.json").read_text())
+    export_hf(params, plain, out, hf_config=hf_config, tokenizer_dir=hf_dir, tokenizer=tokenizer,
+              vocab_size=setup.data.tokenizer.vocab_size if not hf_dir else None)
+    return {"step": step, "format": fmt, "out": str(out)}
+
+
+def _host(tree, to_host):
+    return {k: _host(v, to_host) if isinstance(v, dict) else to_host(v) for k, v in tree.items()}

@@ -1,0 +1,71 @@
+"""`meshforge sample`: text from a run's checkpoint or a HuggingFace folder, with the KV-cache generator."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+from data.tokenize import load_tokenizer
+from parallel.errors import UserError
+from train.generate import Generator, Sampling
+
+
+def _sampling(args) -> Sampling:
+    if args.temperature < 0 or not math.isfinite(args.temperature):
+        raise UserError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.num_samples < 1 or args.max_new_tokens < 0 or args.top_k < 0:
+        raise UserError("--num-samples must be >= 1, --max-new-tokens >= 0 and --top-k >= 0")
+    return Sampling(args.temperature, args.top_k, args.top_p)
+
+
+def _eos(tokenizer) -> int | None:
+    try:
+        return tokenizer.special_id("<eos>")
+    except UserError:
+        return None  # a char/byte tokenizer of the windows pipeline has none: generate the whole budget
+
+
+def generate_text(mdef, mesh, param_shardings, params, tokenizer, args, label: str) -> int:
+    sampling = _sampling(args)
+    prompt = tokenizer.encode(args.prompt)
+    if len(prompt) == 0:
+        raise UserError("--prompt: give at least one character")
+    gen = Generator(mdef, mesh, param_shardings, vocab_limit=tokenizer.vocab_size, eos_id=_eos(tokenizer))
+    try:
+        outs = gen.generate(params, [prompt] * args.num_samples, args.max_new_tokens, sampling, seed=args.seed)
+    except ValueError as e:
+        raise UserError(f"sample: {e}") from None
+    for i, new in enumerate(outs):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ({label}) ---")
+        print(tokenizer.decode(list(prompt) + list(new)))
+    return 0
+
+
+def sample_run(setup, params, step: int, args) -> int:
+    if not setup.cfg.model.causal:
+        raise UserError("sample: this run holds a bidirectional (masked-LM) model, which cannot generate text left "
+                        "to right; sample from a causal run")
+    return generate_text(setup.mdef, setup.mesh, setup.shardings["params"], params, setup.data.tokenizer, args,
+                         f"step {step}")
+
+
+def sample_folder(folder: Path, cfg, args) -> int:
+    """Sample from a HuggingFace folder: its architecture, weights (sharded on the default mesh) and tokenizer."""
+    from interop.hf_import import hf_model_config, load_hf_params
+    from parallel.mesh import make_mesh
+    from parallel.rules import activate
+    from train.setup import resolve_model
+    from train.state import model_def, param_shardings
+
+    tokenizer = load_tokenizer(folder)
+    cfg = dataclasses.replace(cfg, model=hf_model_config(folder, cfg.model))
+    cfg = resolve_model(cfg, tokenizer.vocab_size)
+    mesh = make_mesh(cfg.mesh)
+    mdef = model_def(cfg.model)
+    shardings = param_shardings(mdef, mesh)
+    with activate(mesh):
+        params = load_hf_params(folder, mdef, shardings)
+    return generate_text(mdef, mesh, shardings, params, tokenizer, args, folder.name)

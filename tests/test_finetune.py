@@ -1,0 +1,136 @@
+"""Transfer learning end to end through the CLI: a tiny random HF Llama folder -> LoRA SFT run (train.init_from)
+-> export as an HF folder (adapters merged) and as a PEFT adapter -> transformers / peft give the run's logits.
+Also: only adapters are in the optimizer state, the base weights stay frozen, and bad inputs are one line."""
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from hf_tokenizer_helpers import write_hf_folder
+from helpers import meshforge
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+VOCAB = 512  # the tiny BPE has 400 ids
+ARGS = ["--train.steps", 6, "--train.batch_size", 8, "--train.seq_len", 64, "--train.eval_every", 0,
+        "--train.eval_batches", 1, "--train.eval_batch_size", 8, "--train.checkpoint_every", 0, "--log.progress",
+        "none", "--log.tensorboard", "false", "--model.lora_rank", 4, "--model.lora_alpha", 16,
+        "--optim.lr", 0.05, "--optim.warmup_steps", 0, "--data.sft_template", "Q: {prompt}\nA: "]
+
+
+def tiny_llama(folder):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from interop_helpers import randomize
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    randomize(model, 0)
+    model.save_pretrained(folder)
+    write_hf_folder(folder)  # tokenizer.json + tokenizer_config.json beside config.json
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    base = tiny_llama(root / "base")
+    data = root / "pairs.jsonl"
+    words = ["thee", "thou", "lord", "king", "night", "day", "love", "death"]
+    with data.open("w") as f:
+        for i in range(200):
+            a, b = words[i % 8], words[(i * 3) % 8]
+            f.write(json.dumps({"prompt": f"{a} {b}", "response": f"{b} {a}"}) + "\n")
+    run = root / "run"
+    r = meshforge("train", "experiments/finetune_lora.py", "--workdir", run, "--train.init_from", base,
+                  "--data.path", data, "--data.cache_dir", root / "cache", *ARGS)
+    assert r.returncode == 0, r.stderr
+    return base, run, root
+
+
+def _checkpoint_leaves(run, part: str) -> dict[str, tuple]:
+    import orbax.checkpoint as ocp
+
+    step = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    meta = ocp.StandardCheckpointer().metadata(run / "checkpoints" / str(step) / "state").item_metadata
+    flat = jax.tree_util.tree_flatten_with_path(meta[part])[0]
+    return {jax.tree_util.keystr(p): tuple(m.shape) for p, m in flat}
+
+
+def test_lora_trains_only_adapters(lora_run):
+    _, run, _ = lora_run
+    params = _checkpoint_leaves(run, "params")
+    adapters = sum(int(np.prod(s)) for k, s in params.items() if "_lora" in k)
+    total = sum(int(np.prod(s)) for s in params.values())
+    assert 0 < adapters < 0.1 * total
+    moments = sum(int(np.prod(s)) for s in _checkpoint_leaves(run, "opt_state").values() if len(s) > 0)
+    assert moments == 2 * adapters  # Adam's mu and nu, for the adapters only
+
+
+def _forward(run, tokens):
+    """The run's own (unmerged) forward and the merged one, both in meshforge."""
+    from models.lora import merge
+    from train.config import from_dict
+    from train.restore import restore_for_inference
+    from train.state import model_def
+    import dataclasses
+
+    cfg = from_dict(json.loads((run / "config.json").read_text()))
+    setup, params, _ = restore_for_inference(cfg, run)
+    m = setup.cfg.model
+    unmerged = np.asarray(setup.mdef.apply(params, tokens))
+    plain = model_def(dataclasses.replace(m, lora_rank=0))
+    merged = np.asarray(plain.apply(merge(jax.device_get(params), m.lora_alpha / m.lora_rank), tokens))
+    return params, unmerged, merged
+
+
+def test_exports_match_the_run(lora_run):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, run, root = lora_run
+    tokens = np.random.default_rng(0).integers(0, 400, (2, 200)).astype(np.int32)
+    params, unmerged, merged = _forward(run, tokens)
+    np.testing.assert_allclose(merged, unmerged, rtol=1e-5, atol=1e-5)  # float32 rounding of W + BA
+    # the base weights did not move; the adapters did
+    from safetensors.numpy import load_file
+
+    hf = load_file(str(base / "model.safetensors"))
+    np.testing.assert_array_equal(np.asarray(params["embed_VD"])[:VOCAB], hf["model.embed_tokens.weight"])
+    assert np.abs(np.asarray(params["blocks"][0]["attn"]["wq_DNH_lora"]["wb"])).max() > 0
+
+    r = meshforge("export", run, "--format", "hf", "--out", root / "hf")
+    assert r.returncode == 0, r.stderr
+    r = meshforge("export", run, "--format", "peft", "--out", root / "peft")
+    assert r.returncode == 0, r.stderr
+    t = torch.tensor(tokens, dtype=torch.long)
+    with torch.no_grad():
+        exported = AutoModelForCausalLM.from_pretrained(root / "hf", dtype=torch.float32).eval()
+        np.testing.assert_allclose(exported(t).logits.numpy(), unmerged[..., :VOCAB], atol=1e-4)
+        base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+        adapted = PeftModel.from_pretrained(base_model, root / "peft").eval()
+        np.testing.assert_allclose(adapted(t).logits.numpy(), unmerged[..., :VOCAB], atol=1e-4)
+    # a second export to the same folder is refused: nothing is overwritten
+    r = meshforge("export", run, "--format", "hf", "--out", root / "hf")
+    assert r.returncode == 2 and "--out" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("override, key", [
+    (["--model.lora_targets", "nothing_here"], "model.lora_targets"),
+    (["--train.trainable", "no_such_param", "--model.lora_rank", 0], "train.trainable"),
+])
+def test_bad_fine_tuning_settings_are_one_line(lora_run, tmp_path, override, key):
+    base, _, root = lora_run
+    r = meshforge("train", "experiments/finetune_lora.py", "--workdir", tmp_path / "run", "--train.init_from",
+                  base, "--data.path", root / "pairs.jsonl", "--data.cache_dir", root / "cache", *ARGS, *override)
+    assert r.returncode == 2, r.stderr
+    assert key in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
