@@ -12,7 +12,6 @@ from parallel.errors import UserError
 from parallel.hosts import StepFlags
 from parallel.mesh import batch_sharding
 from train.config import Config, TrainConfig
-from train.sample import generate
 from train.setup import Setup, resolve_model
 from train.state import model_def, state_shardings
 from train.task_eval import TaskEvaluator
@@ -160,7 +159,8 @@ def _setup(tmp_path, mesh, seed: int = 0):
 
 @pytest.mark.parametrize("devices", [1, 4])
 def test_exact_match_uses_greedy_samples(tmp_path, devices, monkeypatch):
-    """The evaluator's batched decode writes what train/sample.py's greedy decoding writes, and scores it exactly."""
+    """The evaluator's batched KV-cache decode writes what plain greedy decoding (the whole sequence through the
+    model at every step, no cache) writes, and scores it exactly."""
     from parallel.rules import activate
 
     setup = _setup(tmp_path, mesh_for(data=devices))
@@ -171,15 +171,15 @@ def test_exact_match_uses_greedy_samples(tmp_path, devices, monkeypatch):
         texts = evaluator.completions(params, job)
         scores = evaluator(params)
     tok, task, problems = setup.data.tokenizer, job[0], job[1]
-    # The evaluator's decode window: the longest prompt plus room for the longest answer and <eos>.
-    new_tokens = max(len(a) for a in tok.encode_batch([a for _, a in problems])) + 1
-    window = max(len(p) for p in tok.encode_batch([p for p, _ in problems])) + new_tokens
+    new_tokens = max(len(a) for a in tok.encode_batch([a for _, a in problems])) + 1  # the answer and <eos>
     eos = tok.special_id("<eos>")
     expected = []
     for prompt, _ in problems:
-        ids = tok.encode(prompt)
-        out = generate(setup.mdef, params, ids, max_new_tokens=new_tokens, window=window,
-                       vocab_limit=tok.vocab_size, temperature=0.0)[0, len(ids):]
+        seq = list(tok.encode(prompt))
+        for _ in range(new_tokens):
+            logits = np.asarray(setup.mdef.apply(params, np.asarray([seq], np.int32)))[0, -1, :tok.vocab_size]
+            seq.append(int(np.argmax(logits)))
+        out = np.asarray(seq[len(tok.encode(prompt)):])
         stop = np.flatnonzero(out == eos)
         expected.append(tok.decode(out[: stop[0]] if len(stop) else out))
     assert texts == expected
