@@ -40,9 +40,10 @@ def pretrained(source: str, base: ModelConfig) -> Pretrained:
         raise UserError(f"train.init_from: {source} is not a folder; give a HuggingFace model folder "
                         "(config.json, *.safetensors, tokenizer.json) or a meshforge run's workdir")
     if is_hf_folder(path):
-        from interop.hf_import import hf_model_config, load_hf_params
+        from interop.hf_import import Checkpoint, hf_model_config, load_hf_params
 
         model = hf_model_config(path, base)
+        Checkpoint(path)  # the weights are there and readable: refuse now, before the run's workdir is touched
 
         def load_hf(mdef, shardings):
             # Parameters the folder lacks (LoRA adapters) come back as their ShapeDtypeStruct and are dropped:

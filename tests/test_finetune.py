@@ -124,13 +124,35 @@ def test_exports_match_the_run(lora_run):
     assert r.returncode == 2 and "--out" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def _unsupported(base, folder):
+    import shutil
+
+    shutil.copytree(base, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "architectures": ["MambaForCausalLM"],
+                                                    "model_type": "mamba"}))
+    return folder
+
+
+def _no_weights(base, folder):
+    import shutil
+
+    shutil.copytree(base, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    return folder
+
+
 @pytest.mark.parametrize("override, key", [
     (["--model.lora_targets", "nothing_here"], "model.lora_targets"),
     (["--train.trainable", "no_such_param", "--model.lora_rank", 0], "train.trainable"),
+    (_unsupported, "MambaForCausalLM"),
+    (_no_weights, ".safetensors"),
 ])
-def test_bad_fine_tuning_settings_are_one_line(lora_run, tmp_path, override, key):
+def test_bad_fine_tuning_input_is_one_line(lora_run, tmp_path, override, key):
     base, _, root = lora_run
+    if callable(override):
+        base, override = override(base, tmp_path / "folder"), []
     r = meshforge("train", "experiments/finetune_lora.py", "--workdir", tmp_path / "run", "--train.init_from",
                   base, "--data.path", root / "pairs.jsonl", "--data.cache_dir", root / "cache", *ARGS, *override)
     assert r.returncode == 2, r.stderr
     assert key in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

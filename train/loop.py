@@ -21,6 +21,7 @@ import numpy as np
 
 from data.loader import process_rows, to_global
 from data.tokenize import save_tokenizer
+from optim import trainable
 from optim.chains import nonfinite_counts
 from parallel.errors import UserError
 from parallel.hosts import agree, barrier
@@ -201,8 +202,9 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
     cfg, tc = setup.cfg, setup.cfg.train
     metrics.truncate_after(start)  # rows past the restored step (or any rows, for a new run) belong to no checkpoint
     progress = Progress(tc.steps, start, cfg.log.progress, enabled=jax.process_index() == 0)
-    n_params = count_params(state["params"])
-    progress.log(f"meshforge: {cfg.name} | {n_params / 1e6:.2f}M params | mesh "
+    n_params, mask = count_params(state["params"]), setup.mdef.trainable
+    trained = "" if mask is None else f" ({trainable.count(state['params'], mask) / n_params:.1%} trained)"
+    progress.log(f"meshforge: {cfg.name} | {n_params / 1e6:.2f}M params{trained} | mesh "
                  f"{dict(setup.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices | "
                  f"{'resuming at step ' + str(start) if start else 'new run'} | workdir {workdir}")
     progress.log("config: " + json.dumps(cfg.to_dict(), separators=(",", ":")))
