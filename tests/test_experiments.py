@@ -36,6 +36,7 @@ SHORT = {
     "shakespeare_mlm": (SHORT_BPE, BPE_UNIFORM - 0.63),  # on the masked tokens only
     # the answer digits: ln 10 is a uniform guess over them
     "synthetic_arithmetic": (["--train.steps", "60", "--data.eval_problems", "16"], math.log(10)),
+    "pretrain_llama": (SHORT_BPE, math.log(512) - 0.7),  # uniform over its 512 ids, minus what 30 steps learn
 }
 
 
