@@ -89,3 +89,22 @@ def test_docstring_command_reproduces_its_figures(name, tmp_path):
             assert got >= figure, (step, key, got, figure)
         else:
             assert abs(got - figure) <= tolerance, (step, key, got, figure)
+
+
+def test_finetune_starts_from_the_exported_pretraining_run(cache, tmp_path):
+    """pretrain_llama (shortened) -> export to HF -> finetune_lora from that folder: the fine-tuning run starts at
+    the pretrained model's loss, not at a random model's, and its validation loss goes down."""
+    r = meshforge("train", "experiments/pretrain_llama.py", "--workdir", tmp_path / "pre", "--data.cache_dir", cache,
+                  *QUICK_EVAL, *SHORT_BPE, devices=2)
+    assert r.returncode == 0, r.stderr
+    r = meshforge("export", tmp_path / "pre", "--format", "hf", "--out", tmp_path / "hf")
+    assert r.returncode == 0, r.stderr
+    r = meshforge("train", "experiments/finetune_lora.py", "--workdir", tmp_path / "ft", "--data.cache_dir", cache,
+                  "--train.init_from", tmp_path / "hf", *QUICK_EVAL, "--train.steps", "10", "--train.batch_size", "8",
+                  "--optim.warmup_steps", "0", devices=2)
+    assert r.returncode == 0, r.stderr
+    first = json.loads((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    pretrained = json.loads((tmp_path / "pre" / "summary.json").read_text())["final_val_loss"]
+    final = json.loads((tmp_path / "ft" / "summary.json").read_text())["final_val_loss"]
+    assert first < pretrained + 0.5 < math.log(512)  # a random start would be near ln 512 = 6.24
+    assert final < first

@@ -27,7 +27,8 @@ MIN_BUCKET = 16
 
 
 def bucket(n: int) -> int:
-    return max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
+    """The power of two >= n (at least MIN_BUCKET): prompt lengths, cache slots and output widths round up to it."""
+    return max(MIN_BUCKET, 1 << max(0, int(n) - 1).bit_length())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +113,9 @@ class Generator:
             _, cache, _, _, out_BN, _ = jax.lax.while_loop(cond, body, init)
             return out_BN, cache  # returned so that the donated cache is updated in place
 
-        self._decoders[s] = jax.jit(decode, in_shardings=(self.param_shardings, None, self.rows, self.vec, None, None, None),
+        # cache and logits keep the shardings prefill gave them (on a tensor axis the logits are split over the
+        # vocabulary, which a batch-only `self.rows` would refuse)
+        self._decoders[s] = jax.jit(decode, in_shardings=(self.param_shardings, None, None, self.vec, None, None, None),
                                     out_shardings=(self.rows, None), donate_argnums=1)
         return self._decoders[s]
 
@@ -124,6 +127,8 @@ class Generator:
                  seed: int = 0) -> list[np.ndarray]:
         """New tokens of each prompt (cut after the end-of-sequence token, which is kept)."""
         n = len(prompts)
+        if n == 0:
+            raise ValueError("give at least one prompt")
         rows = padded_rows(self.mesh, n)
         longest = max(len(p) for p in prompts)
         if longest == 0:
