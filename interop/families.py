@@ -73,18 +73,27 @@ def need(hf: dict, key: str) -> Any:
     return hf[key]
 
 
-def rope_theta(hf: dict) -> float:
-    """RoPE base, refusing scaled variants. transformers >= 5 writes `rope_parameters`, older `rope_theta` and
-    `rope_scaling`; both are read."""
+def rope_fields(hf: dict) -> dict[str, Any]:
+    """RoPE base and scaling. transformers >= 5 writes `rope_parameters`, older versions `rope_theta` and
+    `rope_scaling`; both are read. Unscaled and Llama 3.1's "llama3" scaling are supported."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
+    fields: dict[str, Any] = {"rope_scaling": "none"}
     for key, spec in (("rope_parameters", params), ("rope_scaling", scaling)):
         kind = spec.get("rope_type", spec.get("type", "default"))
-        if kind not in (None, "default"):
-            raise UserError(f"config.json: `{key}` has rope_type {kind!r}; only unscaled RoPE (default) is "
-                            "supported, use a checkpoint without RoPE scaling")
+        if kind == "llama3":
+            try:
+                fields = {"rope_scaling": "llama3", "rope_factor": float(spec["factor"]),
+                          "rope_low_freq_factor": float(spec["low_freq_factor"]),
+                          "rope_high_freq_factor": float(spec["high_freq_factor"]),
+                          "rope_original_max_len": int(spec["original_max_position_embeddings"])}
+            except KeyError as e:
+                raise UserError(f"config.json: `{key}` of rope_type llama3 lacks {e.args[0]!r}") from None
+        elif kind not in (None, "default"):
+            raise UserError(f"config.json: `{key}` has rope_type {kind!r}; supported: default (unscaled) and "
+                            "llama3")
     theta = params.get("rope_theta", hf.get("rope_theta"))
-    return float(10_000.0 if theta is None else theta)
+    return {"rope_theta": float(10_000.0 if theta is None else theta), **fields}
 
 
 def no_sliding_window(hf: dict) -> None:
@@ -111,7 +120,7 @@ def rope_model(hf: dict, *, tied_default: bool, eps_default: float) -> dict[str,
             "qk_norm": False, "d_model": need(hf, "hidden_size"), "n_layers": need(hf, "num_hidden_layers"),
             "n_heads": n_heads, "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
             "d_ff": need(hf, "intermediate_size"), "head_dim": hf.get("head_dim") or 0,
-            "max_seq_len": hf.get("max_position_embeddings") or 2048, "rope_theta": rope_theta(hf),
+            "max_seq_len": hf.get("max_position_embeddings") or 2048, **rope_fields(hf),
             "norm_eps": float(hf.get("rms_norm_eps") or eps_default),
             "tie_embeddings": bool(hf.get("tie_word_embeddings", tied_default))}
 
@@ -120,8 +129,16 @@ def rope_hf(cfg: ModelConfig) -> dict[str, Any]:
     return {"hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
             "num_key_value_heads": cfg.kv_heads, "intermediate_size": cfg.ff_dim, "head_dim": head_dim(cfg),
             "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-            "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "rope_theta": cfg.rope_theta, "rope_parameters": rope_parameters(cfg),
             "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0}
+
+
+def rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
+    if cfg.rope_scaling == "llama3":
+        return {"rope_type": "llama3", "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor,
+                "low_freq_factor": cfg.rope_low_freq_factor, "high_freq_factor": cfg.rope_high_freq_factor,
+                "original_max_position_embeddings": cfg.rope_original_max_len}
+    return {"rope_type": "default", "rope_theta": cfg.rope_theta}
 
 
 def common_misfit(cfg: ModelConfig) -> str | None:

@@ -42,7 +42,8 @@ def pretrained(source: str, base: ModelConfig) -> Pretrained:
     if is_hf_folder(path):
         from interop.hf_import import Checkpoint, hf_model_config, load_hf_params
 
-        model = hf_model_config(path, base)
+        # the architecture is the folder's alone: nothing but the RUN_FIELDS comes from the experiment
+        model = hf_model_config(path, dataclasses.replace(ModelConfig(), **{k: getattr(base, k) for k in RUN_FIELDS}))
         Checkpoint(path)  # the weights are there and readable: refuse now, before the run's workdir is touched
 
         def load_hf(mdef, shardings):

@@ -15,9 +15,21 @@ from models.axes import constrain, param
 from models.lora import LoRA
 
 
-def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables for rotary embeddings at the given (possibly per-document) positions."""
+def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float,
+                llama3: tuple[float, float, float, int] | None = None) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables for rotary embeddings at the given (possibly per-document) positions.
+
+    llama3 = (factor, low_freq_factor, high_freq_factor, original_max_len): Llama 3.1's context extension, which
+    slows the low frequencies by `factor`, keeps the high ones, and blends those in between.
+    """
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if llama3 is not None:
+        factor, low, high, old_len = llama3
+        wavelen = 2 * jnp.pi / inv_freq
+        slowed = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = jnp.where(medium, (1 - smooth) * slowed / factor + smooth * slowed, slowed)
     angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
     return jnp.cos(angles_BTh), jnp.sin(angles_BTh)
 

@@ -55,6 +55,12 @@ class ModelConfig:
     max_seq_len: int = 256
     positions: Literal["rope", "learned"] = "rope"
     rope_theta: float = 10_000.0
+    # RoPE context extension: "llama3" (Llama 3.1+) with these factors and the original context length.
+    rope_scaling: Literal["none", "llama3"] = "none"
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-5
     mlp: Literal["gelu", "swiglu"] = "gelu"
@@ -109,6 +115,10 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.loss_chunk < 0:
             raise ValueError(f"model.loss_chunk must be >= 0 (0: automatic), got {self.loss_chunk}")
+        if self.rope_scaling == "llama3" and not (self.rope_factor > 0 and self.rope_high_freq_factor >
+                                                  self.rope_low_freq_factor > 0 and self.rope_original_max_len > 0):
+            raise ValueError("model.rope_scaling llama3 needs rope_factor > 0, rope_high_freq_factor > "
+                             "rope_low_freq_factor > 0 and rope_original_max_len > 0")
         if self.lora_rank < 0 or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError("model.lora_rank must be >= 0 and model.lora_dropout in [0, 1)")
         if self.lora_rank and not matching_targets(self.lora_targets):
@@ -335,7 +345,9 @@ class Transformer(nnx.Module):
             first = jax.tree.leaves(cache)[0]  # every layer's cache has the same slots and write position
             at = jax.tree.leaves(cache)[-1].reshape(-1)[0]
             mask = cache_mask(positions_BT, cache_starts_B, first.shape[-3], at)
-        rope = rope_tables(positions_BT, cfg.head_size, cfg.rope_theta) if cfg.positions == "rope" else None
+        llama3 = (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len) \
+            if cfg.rope_scaling == "llama3" else None
+        rope = rope_tables(positions_BT, cfg.head_size, cfg.rope_theta, llama3) if cfg.positions == "rope" else None
         x_BTD, stats, cache = self._blocks(x_BTD, mask, rope, dropout_key, cache)
         x_BTD = self.final_norm(x_BTD)
         out = x_BTD if return_hidden else head_logits(x_BTD, self.head_weights())

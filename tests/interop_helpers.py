@@ -28,6 +28,10 @@ def hf_config(case: str):
         # theta and eps away from the defaults, so a dropped key shows
         return LlamaConfig(**rope, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
                            tie_word_embeddings=case == "llama_tied")
+    if case == "llama3_scaled":  # Llama 3.1's RoPE extension: with these factors all three regimes occur
+        rope_parameters = {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        return LlamaConfig(**rope, rms_norm_eps=1e-6, rope_parameters=rope_parameters, tie_word_embeddings=True)
     if case == "qwen2":
         return Qwen2Config(**rope, rms_norm_eps=1e-6, tie_word_embeddings=False)
     if case == "qwen3":  # head_dim 32 != d_model / n_heads = 16
@@ -35,7 +39,7 @@ def hf_config(case: str):
     raise ValueError(case)
 
 
-CASES = ("gpt2", "llama_untied", "llama_tied", "qwen2", "qwen3")
+CASES = ("gpt2", "llama_untied", "llama_tied", "llama3_scaled", "qwen2", "qwen3")
 
 
 def randomize(model, seed: int = 0) -> None:

@@ -140,7 +140,7 @@ def check_resumable(cfg: Config, workdir: Path) -> None:
     saved_cfg = json.loads(path.read_text())
     saved, now = saved_cfg.get("model", {}), dataclasses.asdict(cfg.model)
     shape_keys = ["vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "positions", "norm", "mlp",
-                  "tie_embeddings", "use_bias", "head_dim", "qkv_bias", "qk_norm", "lora_rank", "lora_targets", "scan_layers", "param_dtype", "moe_experts", "moe_every", "moe_d_ff"]
+                  "tie_embeddings", "use_bias", "head_dim", "qkv_bias", "qk_norm", "lora_rank", "lora_targets", "rope_scaling", "scan_layers", "param_dtype", "moe_experts", "moe_every", "moe_d_ff"]
     if now["positions"] == "learned":
         shape_keys.append("max_seq_len")  # the position table's length
     diff = [f"model.{k}: {saved.get(k)} -> {now[k]}" for k in shape_keys if k in saved and saved[k] != now[k]]
