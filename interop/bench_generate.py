@@ -24,10 +24,15 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
+if __name__ == "__main__":  # one CPU device per core, as meshforge runs on a CPU host; set before jax starts
+    from parallel.mesh import configure_cpu_devices
 
-from parallel.errors import UserError
+    configure_cpu_devices(os.cpu_count() or 1)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from parallel.errors import UserError  # noqa: E402
 
 
 def cpu_model() -> str:
@@ -76,27 +81,41 @@ def parse_batches(text: str) -> list[int]:
 
 
 class Meshforge:
-    """The folder on one device, float32, with the KV-cache generator (greedy, no EOS)."""
+    """The folder in float32 with the KV-cache generator (greedy, no EOS), the batch split over as many of the
+    CPU devices (one per core) as divide it: batch 1 runs on one device."""
 
     def __init__(self, folder: Path):
-        from interop.hf_import import hf_model_config, load_hf_params, real_vocab_size
+        from interop.hf_import import hf_model_config, real_vocab_size
         from models.transformer import ModelConfig
-        from parallel.mesh import MeshConfig, make_mesh
-        from parallel.rules import activate
-        from train.generate import Generator
-        from train.state import model_def, param_shardings
+        from train.state import model_def
 
-        cfg = hf_model_config(folder, ModelConfig(dtype="float32", attention_impl="xla"))
-        self.mdef = model_def(cfg)
-        mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
-        shardings = param_shardings(self.mdef, mesh)
-        with activate(mesh):
-            self.params = load_hf_params(folder, self.mdef, shardings)
+        self.folder = folder
+        self.mdef = model_def(hf_model_config(folder, ModelConfig(dtype="float32", attention_impl="xla")))
         self.vocab = real_vocab_size(folder)
-        self.gen = Generator(self.mdef, mesh, shardings, vocab_limit=self.vocab, eos_id=None)
+        self._by_devices: dict[int, tuple] = {}
+
+    def devices_for(self, batch: int) -> int:
+        return max(n for n in range(1, jax.device_count() + 1) if batch % n == 0)
+
+    def _generator(self, n_devices: int):
+        if n_devices not in self._by_devices:
+            from interop.hf_import import load_hf_params
+            from parallel.mesh import MeshConfig, make_mesh
+            from parallel.rules import activate
+            from train.generate import Generator
+            from train.state import param_shardings
+
+            mesh = make_mesh(MeshConfig(data=n_devices), jax.devices()[:n_devices])
+            shardings = param_shardings(self.mdef, mesh)
+            with activate(mesh):
+                params = load_hf_params(self.folder, self.mdef, shardings)
+            gen = Generator(self.mdef, mesh, shardings, vocab_limit=self.vocab, eos_id=None)
+            self._by_devices[n_devices] = (gen, params)
+        return self._by_devices[n_devices]
 
     def __call__(self, prompts_BP: np.ndarray, n: int) -> np.ndarray:
-        return np.stack(self.gen.generate(self.params, list(prompts_BP), n))
+        gen, params = self._generator(self.devices_for(len(prompts_BP)))
+        return np.stack(gen.generate(params, list(prompts_BP), n))
 
 
 class Transformers:
@@ -152,11 +171,12 @@ def run(folder: Path, *, new_tokens: int, prompt_len: int, batches: list[int], r
     rng = np.random.default_rng(seed)
     report = {"folder": str(folder), "new_tokens": new_tokens, "prompt_len": prompt_len, "repeats": repeats,
               "cpu": cpu_model(), "cores": os.cpu_count(), "torch_default_threads": default_threads,
-              "torch_threads_tried": threads, "jax": f"{jax.__version__}, {jax.default_backend()}, 1 device",
+              "torch_threads_tried": threads, "jax": f"{jax.__version__}, {jax.default_backend()}, {jax.device_count()} devices "
+                     "(the batch split over those that divide it)",
               "load_average_before": load_average(),
               "model": {"layers": cfg.n_layers, "d_model": cfg.d_model, "heads": cfg.n_heads,
                         "kv_heads": cfg.kv_heads, "vocab": mf.vocab,
-                        "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(mf.params))},
+                        "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(mf.mdef.param_shapes()))},
               "rows": []}
     for b in batches:
         prompts_BP = rng.integers(0, mf.vocab, (b, prompt_len)).astype(np.int32)

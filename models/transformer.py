@@ -344,7 +344,7 @@ class Transformer(nnx.Module):
         else:
             first = jax.tree.leaves(cache)[0]  # every layer's cache has the same slots and write position
             at = jax.tree.leaves(cache)[-1].reshape(-1)[0]
-            mask = cache_mask(positions_BT, cache_starts_B, first.shape[-3], at)
+            mask = cache_mask(positions_BT, cache_starts_B, first.shape[-2], at)
         llama3 = (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len) \
             if cfg.rope_scaling == "llama3" else None
         rope = rope_tables(positions_BT, cfg.head_size, cfg.rope_theta, llama3) if cfg.positions == "rope" else None
