@@ -110,3 +110,10 @@ def test_finetune_starts_from_the_exported_pretraining_run(cache, tmp_path):
     final = json.loads((tmp_path / "ft" / "summary.json").read_text())["final_val_loss"]
     assert first < pretrained + 0.5 < math.log(512)  # a random start would be near ln 512 = 6.24
     assert final < first
+    # The run folder itself is a starting point too, and the same one: the HF round trip is exact.
+    r = meshforge("train", "experiments/finetune_lora.py", "--workdir", tmp_path / "ft2", "--data.cache_dir", cache,
+                  "--train.init_from", tmp_path / "pre", *QUICK_EVAL, "--train.steps", "1", "--train.batch_size", "8",
+                  "--optim.warmup_steps", "0", devices=2)
+    assert r.returncode == 0, r.stderr
+    first_from_run = json.loads((tmp_path / "ft2" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert abs(first_from_run - first) < 1e-5, (first_from_run, first)
