@@ -4,7 +4,7 @@
     meshforge export runs/pretrain_llama --format hf --out runs/pretrain_llama_hf
     meshforge train experiments/finetune_lora.py
     meshforge export runs/finetune_lora --format peft --out runs/finetune_lora_peft   # the adapter, for peft
-    meshforge sample --from runs/finetune_lora --prompt "Next line after: To be, or not to be" --temperature 0
+    meshforge sample --from runs/finetune_lora --prompt $'Next line after: To be, or not to be\n' --temperature 0
 
 Hardware: a 2-core CPU (2 virtual XLA devices, data-parallel).
 Result (measured 2026-11-30 on a 2-core AMD EPYC VM with AVX-512, under a load average of 2 to 5), validation

@@ -32,7 +32,8 @@ def generate_text(mdef, mesh, param_shardings, params, tokenizer, args, label: s
     prompt = tokenizer.encode(args.prompt)
     if len(prompt) == 0:
         raise UserError("--prompt: give at least one character")
-    gen = Generator(mdef, mesh, param_shardings, vocab_limit=tokenizer.vocab_size, eos_id=_eos(tokenizer))
+    eos = _eos(tokenizer)
+    gen = Generator(mdef, mesh, param_shardings, vocab_limit=tokenizer.vocab_size, eos_id=eos)
     try:
         outs = gen.generate(params, [prompt] * args.num_samples, args.max_new_tokens, sampling, seed=args.seed)
     except ValueError as e:
@@ -40,6 +41,8 @@ def generate_text(mdef, mesh, param_shardings, params, tokenizer, args, label: s
     for i, new in enumerate(outs):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ({label}) ---")
+        if len(new) and new[-1] == eos:
+            new = new[:-1]  # the end-of-sequence token ends the text; it is not part of it
         print(tokenizer.decode(list(prompt) + list(new)))
     return 0
 
