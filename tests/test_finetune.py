@@ -156,3 +156,41 @@ def test_bad_fine_tuning_input_is_one_line(lora_run, tmp_path, override, key):
     assert r.returncode == 2, r.stderr
     assert key in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("case", ["gpt2", "qwen3"])
+def test_peft_export_of_other_families(case, tmp_path):
+    """Random adapters on a tiny HF GPT-2 (fused c_attn: one wider PEFT adapter, Conv1D layout) and Qwen3
+    (head_dim != d_model / heads) export to PEFT folders that peft loads with meshforge's logits."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from interop.hf_import import hf_model_config, load_hf_params
+    from interop.peft_export import export_peft
+    from interop_helpers import VOCAB as HF_VOCAB, build_hf
+    from models.transformer import ModelConfig
+    from parallel.mesh import MeshConfig, make_mesh
+    from train.state import model_def, param_shardings
+
+    build_hf(case, tmp_path / "base")
+    base = ModelConfig(lora_rank=4, lora_alpha=8.0, dtype="float32")
+    mdef = model_def(hf_model_config(tmp_path / "base", base))
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    fresh = jax.device_get(mdef.init_params(1))
+    rng = np.random.default_rng(0)
+    # B starts at zero; give every adapter a visible update
+    fresh = jax.tree_util.tree_map_with_path(
+        lambda p, x: rng.normal(0, 0.05, x.shape).astype(np.float32) if jax.tree_util.keystr(p).endswith("['wb']")
+        else x, fresh)
+    params = jax.device_get(load_hf_params(tmp_path / "base", mdef, param_shardings(mdef, mesh), others=fresh))
+    export_peft(params, mdef.cfg, tmp_path / "peft")
+    tokens = rng.integers(0, HF_VOCAB, (2, 96)).astype(np.int32)
+    ours = np.asarray(mdef.apply(params, tokens))[..., :HF_VOCAB]
+    with torch.no_grad():
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+        before = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+        adapted = PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
+        got = adapted(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    assert np.abs(before - ours).max() > 1e-2  # the adapters change the output, so the comparison means something
+    np.testing.assert_allclose(got, ours, atol=1e-4)
