@@ -131,10 +131,15 @@ def run(verb: str, argv: list[str]) -> int:
     if verb == "sample" and args.source:
         args.workdir = args.source
     cfg, workdir = _config(verb, args, overrides)
+    initial = None  # pretrained parameters for a new fine-tuning run
     if verb == "train" and cfg.train.init_from:
-        from interop.pretrained import starting_point
+        from interop.pretrained import resuming_point, starting_point
+        from train.checkpoint import has_checkpoints
 
-        cfg, initial = starting_point(cfg)
+        if has_checkpoints(workdir / "checkpoints") and not args.fresh and (workdir / "config.json").is_file():
+            cfg, initial = resuming_point(cfg, workdir), None
+        else:
+            cfg, initial = starting_point(cfg)
 
     from parallel.mesh import configure_cpu_devices, default_cpu_devices, maybe_initialize_distributed, \
         resolve_launch
@@ -151,33 +156,33 @@ def run(verb: str, argv: list[str]) -> int:
         maybe_initialize_distributed(launch)
         from train.loop import train
 
-        train(cfg, workdir, fresh=args.fresh, initial=initial if cfg.train.init_from else None)
+        train(cfg, workdir, fresh=args.fresh, initial=initial)
         return 0
 
+    if verb == "sample":
+        from interop.sample import sample_run
+        from train.restore import load_for_inference
+
+        return sample_run(load_for_inference(cfg, workdir, args.step), args)
     from train.loop import evaluate
     from train.restore import restore_for_inference
 
     setup, params, step = restore_for_inference(cfg, workdir, args.step)
-    if verb == "eval":
-        from parallel.rules import activate
-        from train.step import make_eval_step
+    from parallel.rules import activate
+    from train.step import make_eval_step
 
-        with activate(setup.mesh):
-            eval_step = make_eval_step(setup.mdef, setup.shardings["params"], setup.batch_sharding)
-            val_loss = evaluate(setup, params, eval_step, setup.cfg.train.eval_batches)
-            from train.task_eval import task_evaluator
+    with activate(setup.mesh):
+        eval_step = make_eval_step(setup.mdef, setup.shardings["params"], setup.batch_sharding)
+        val_loss = evaluate(setup, params, eval_step, setup.cfg.train.eval_batches)
+        from train.task_eval import task_evaluator
 
-            task_eval = task_evaluator(setup)
-            tasks = {k: round(v, 6) for k, v in task_eval(params).items()} if task_eval else {}
-        from train.metrics import json_value
+        task_eval = task_evaluator(setup)
+        tasks = {k: round(v, 6) for k, v in task_eval(params).items()} if task_eval else {}
+    from train.metrics import json_value
 
-        loss = json_value(round(val_loss, 6))
-        print(json.dumps({"step": step, "val_loss": loss, **tasks, "workdir": str(workdir)}))
-        return 0
-
-    from interop.sample import sample_run
-
-    return sample_run(setup, params, step, args)
+    loss = json_value(round(val_loss, 6))
+    print(json.dumps({"step": step, "val_loss": loss, **tasks, "workdir": str(workdir)}))
+    return 0
 
 
 def is_hf(path: str) -> bool:

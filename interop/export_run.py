@@ -25,15 +25,15 @@ def export_run(run: Path, fmt: str, out: Path, step: int | None = None) -> dict:
         raise UserError(f"export: {run} is not a meshforge run (no config.json); give the run's workdir")
     _check_out(out)
     cfg = from_dict(json.loads((run / "config.json").read_text()))
-    configure_cpu_devices(1)
-    # one device suffices to read a checkpoint: restore onto a single-device mesh, whatever it was trained on
-    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=1, tensor=1, expert=1,
+    configure_cpu_devices(1)  # on a CPU host one device reads the checkpoint; elsewhere all local devices do
+    # whatever mesh the run was trained on: the parameters split (FSDP) over this host's devices
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=-1, tensor=1, expert=1,
                                                             cpu_devices=1))
-    from train.restore import restore_for_inference
+    from train.restore import load_for_inference
 
-    setup, params, step = restore_for_inference(cfg, run, step)
-    params = _host(params, to_host)
-    m = setup.cfg.model
+    loaded = load_for_inference(cfg, run, step)
+    params, step = _host(loaded.params, to_host), loaded.step
+    m = loaded.cfg.model
     source = Path(cfg.train.init_from).expanduser() if cfg.train.init_from else None
     hf_dir = source if source is not None and source.is_dir() and is_hf_folder(source) else None
     if fmt == "peft":
@@ -49,7 +49,7 @@ def export_run(run: Path, fmt: str, out: Path, step: int | None = None) -> dict:
     hf_config = json.loads((hf_dir / "config.json").read_text()) if hf_dir else None
     tokenizer = None if hf_dir else json.loads((run / "tokenizer.json").read_text())
     export_hf(params, plain, out, hf_config=hf_config, tokenizer_dir=hf_dir, tokenizer=tokenizer,
-              vocab_size=setup.data.tokenizer.vocab_size if not hf_dir else None)
+              vocab_size=loaded.tokenizer.vocab_size if not hf_dir else None)
     return {"step": step, "format": fmt, "out": str(out)}
 
 

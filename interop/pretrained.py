@@ -91,5 +91,19 @@ def starting_point(cfg):
     (keeping the experiment's RUN_FIELDS), the tokenizer the pretrained one (unless data.tokenizer_path is set),
     and initial(mdef, param_shardings) loads the weights."""
     p = pretrained(cfg.train.init_from, cfg.model)
-    data = cfg.data if cfg.data.tokenizer_path else dataclasses.replace(cfg.data, tokenizer_path=p.tokenizer_path)
-    return dataclasses.replace(cfg, model=p.model, data=data), p.load
+    data = cfg.data if cfg.data.tokenizer_path else dataclasses.replace(cfg.data, tokenizer_path=str(p.tokenizer_path))
+    # the absolute path goes into the run's config.json: export finds the source folder from anywhere
+    train = dataclasses.replace(cfg.train, init_from=str(p.path.resolve()))
+    return dataclasses.replace(cfg, model=p.model, data=data, train=train), p.load
+
+
+def resuming_point(cfg, workdir: Path):
+    """The config of a fine-tuning run that resumes from its own checkpoints: the architecture its config.json
+    recorded (with the experiment's RUN_FIELDS) and its own tokenizer.json, so the init_from source may be gone."""
+    from train.config import from_dict
+
+    saved = from_dict(json.loads((workdir / "config.json").read_text()))
+    model = dataclasses.replace(saved.model, **{k: getattr(cfg.model, k) for k in RUN_FIELDS})
+    data = dataclasses.replace(cfg.data, tokenizer_path=str(workdir / "tokenizer.json"))
+    return dataclasses.replace(cfg, model=model, data=data, train=dataclasses.replace(
+        cfg.train, init_from=saved.train.init_from or cfg.train.init_from))

@@ -47,12 +47,13 @@ def generate_text(mdef, mesh, param_shardings, params, tokenizer, args, label: s
     return 0
 
 
-def sample_run(setup, params, step: int, args) -> int:
-    if not setup.cfg.model.causal:
+def sample_run(loaded, args) -> int:
+    """Sample from a run's checkpoint (train.restore.Loaded)."""
+    if not loaded.cfg.model.causal:
         raise UserError("sample: this run holds a bidirectional (masked-LM) model, which cannot generate text left "
                         "to right; sample from a causal run")
-    return generate_text(setup.mdef, setup.mesh, setup.shardings["params"], params, setup.data.tokenizer, args,
-                         f"step {step}")
+    return generate_text(loaded.mdef, loaded.mesh, loaded.param_shardings, loaded.params, loaded.tokenizer, args,
+                         f"step {loaded.step}")
 
 
 def sample_folder(folder: Path, cfg, args) -> int:
@@ -64,7 +65,8 @@ def sample_folder(folder: Path, cfg, args) -> int:
     from train.state import model_def, param_shardings
 
     tokenizer = load_tokenizer(folder)
-    cfg = dataclasses.replace(cfg, model=hf_model_config(folder, cfg.model))
+    # an HF folder holds no adapters: sample the model as it is
+    cfg = dataclasses.replace(cfg, model=hf_model_config(folder, dataclasses.replace(cfg.model, lora_rank=0)))
     cfg = resolve_model(cfg, tokenizer.vocab_size)
     mesh = make_mesh(cfg.mesh)
     mdef = model_def(cfg.model)

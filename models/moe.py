@@ -145,13 +145,14 @@ class MoEMLP(nnx.Module):
         self.wo_EFD = param(rngs, jax.nn.initializers.normal(out_std), (n_experts, d_ff, d_model),
                             ("expert", "mlp", "embed"), param_dtype)
 
-    def __call__(self, x_GSD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, x_GSD: jax.Array, dropless: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
         dt = self.dtype
         G, S, D = x_GSD.shape
         x_GSD = constrain(x_GSD, ("batch", "length", "act_embed"))
         # Routing decisions in float32: bfloat16 logits flip near-tied top-k choices.
         logits_GSE = jnp.einsum("gsd,de->gse", x_GSD.astype(jnp.float32), self.w_router_DE[...].astype(jnp.float32))
-        cap = capacity(S, self.n_experts, self.top_k, self.capacity_factor)
+        # dropless (generation): a prompt's left padding must not take slots from its real tokens
+        cap = capacity(S, self.n_experts, self.top_k, 0.0 if dropless else self.capacity_factor)
         r = route(logits_GSE, self.top_k, cap)
 
         in_GECD = jax.vmap(dispatch, (0, 0, 0, None, None))(x_GSD.astype(dt), r.experts_GSK, r.slots_GSK,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Literal
 
 import jax
@@ -121,6 +122,10 @@ class ModelConfig:
                              "rope_low_freq_factor > 0 and rope_original_max_len > 0")
         if self.lora_rank < 0 or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError("model.lora_rank must be >= 0 and model.lora_dropout in [0, 1)")
+        try:
+            re.compile(self.lora_targets)
+        except re.error as e:
+            raise ValueError(f"model.lora_targets: {self.lora_targets!r} is not a regex ({e})") from None
         if self.lora_rank and not matching_targets(self.lora_targets):
             raise ValueError(f"model.lora_targets: {self.lora_targets!r} matches no projection; choose among "
                              f"{', '.join(TARGETS)} (a regex, e.g. 'attn/' or 'wq|wkv')")
@@ -199,7 +204,8 @@ def lora_factory(cfg: ModelConfig, rngs: nnx.Rngs):
     def make(name: str, shape: tuple[int, ...]) -> LoRA | None:
         if name not in targets:
             return None
-        return LoRA(name, shape, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, rngs, DTYPES[cfg.param_dtype])
+        # float32 whatever model.param_dtype: bfloat16 would round away an adapter's small updates (PEFT does the same)
+        return LoRA(name, shape, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, rngs, jnp.float32)
 
     return make
 
@@ -242,7 +248,7 @@ class Block(nnx.Module):
         x_BTD = x_BTD + dropout(y_BTD, self.dropout, k1)
         x_BTD = checkpoint_name(x_BTD, "block_input")
         if isinstance(self.mlp, MoEMLP):
-            y_BTD, stats = self.mlp(self.mlp_norm(x_BTD))
+            y_BTD, stats = self.mlp(self.mlp_norm(x_BTD), dropless=cache is not None)
         else:
             y_BTD, stats = self.mlp(self.mlp_norm(x_BTD), k_mlp), {}
         x_BTD = x_BTD + dropout(y_BTD, self.dropout, k2)

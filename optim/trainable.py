@@ -23,7 +23,10 @@ def trainable_mask(params: Any, pattern: str = "", lora: bool = False) -> Mask:
     regex finds (re.search). None when everything trains. Refuses a regex that finds nothing."""
     if not pattern and not lora:
         return None
-    regex = re.compile(pattern) if pattern else None
+    try:
+        regex = re.compile(pattern) if pattern else None
+    except re.error as e:
+        raise ValueError(f"train.trainable: {pattern!r} is not a regex ({e})") from None
 
     def leaf(path, _):
         name = path_name(path)

@@ -194,3 +194,26 @@ def test_peft_export_of_other_families(case, tmp_path):
         got = adapted(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
     assert np.abs(before - ours).max() > 1e-2  # the adapters change the output, so the comparison means something
     np.testing.assert_allclose(got, ours, atol=1e-4)
+
+
+def test_resume_needs_no_source_and_export_works_from_anywhere(lora_run, tmp_path):
+    """A fine-tuning run resumes from its own checkpoints after its init_from folder is gone, and exports from
+    another directory (where neither the experiment file nor the training data are)."""
+    import shutil
+
+    base, _, root = lora_run
+    shutil.copytree(base, tmp_path / "src")
+    common = ["train", "experiments/finetune_lora.py", "--workdir", tmp_path / "run", "--train.init_from",
+              tmp_path / "src", "--data.path", root / "pairs.jsonl", "--data.cache_dir", root / "cache", *ARGS]
+    r = meshforge(*common, "--train.steps", 2)
+    assert r.returncode == 0, r.stderr
+    shutil.rmtree(tmp_path / "src")
+    r = meshforge(*common, "--train.steps", 4)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["last_step"] == 4 and summary["steps_this_run"] == 2
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = meshforge("export", tmp_path / "run", "--format", "peft", "--out", tmp_path / "peft", cwd=elsewhere)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()

@@ -298,3 +298,29 @@ def test_bench_generate_runs_and_agrees(models, capsys, tmp_path):
     assert main(["--from", str(models["llama"].folder), "--batches", "0"]) == 2
     assert main(["--from", str(tmp_path / "nothing")]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_moe_generation_does_not_depend_on_left_padding():
+    """A prompt decodes to the same tokens alone and beside a longer prompt (which left-pads it): generation routes
+    MoE tokens without capacity drops, so padding never takes an expert slot from a real token."""
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=128, moe_experts=4,
+                      moe_top_k=2, moe_capacity_factor=1.0, dtype="float32")
+    mdef = model_def(cfg)
+    mesh = mesh_for(data=1)
+    shardings = param_shardings(mdef, mesh)
+    params = jax.jit(lambda: mdef.init_params(3), out_shardings=shardings)()
+    gen = Generator(mdef, mesh, shardings, vocab_limit=64, eos_id=None)
+    short = np.random.default_rng(0).integers(1, 64, 9)
+
+    def last_logits(P: int) -> np.ndarray:  # the prompt left-padded (token 0) to P, through the prefill
+        tokens = np.zeros((1, P), np.int32)
+        tokens[0, P - len(short):] = short
+        with activate(mesh):
+            logits, _ = gen._prefill(params, tokens, np.array([P - len(short)], np.int32), np.empty((P, 0), np.int8))
+        return np.asarray(logits)[0]
+
+    # 55 identical padding tokens would fill their experts' 32 slots (capacity 1.0) before the prompt's tokens
+    np.testing.assert_allclose(last_logits(64), last_logits(16), atol=1e-5)
+    alone = gen.generate(params, [short], 12)[0]
+    beside = gen.generate(params, [np.arange(40) % 64, short], 12)[1]
+    np.testing.assert_array_equal(alone, beside)

@@ -145,7 +145,7 @@ def check_resumable(cfg: Config, workdir: Path) -> None:
         shape_keys.append("max_seq_len")  # the position table's length
     diff = [f"model.{k}: {saved.get(k)} -> {now[k]}" for k in shape_keys if k in saved and saved[k] != now[k]]
     # The optimizer's state has another structure, and the saved tokenizer would silently win over a new one.
-    for section, key in (("optim", "name"), ("data", "tokenizer")):
+    for section, key in (("optim", "name"), ("data", "tokenizer"), ("train", "trainable")):
         old, new = saved_cfg.get(section, {}).get(key), getattr(getattr(cfg, section), key)
         if old is not None and old != new:
             diff.append(f"{section}.{key}: {old} -> {new}")

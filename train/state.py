@@ -59,7 +59,16 @@ def model_def(cfg: ModelConfig, trainable: str = "") -> ModelDef:
         mask = trainable_mask(nnx.to_pure_dict(abstract), trainable, lora=cfg.lora_rank > 0)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if cfg.lora_rank and not any("_lora/" in p for p in _paths(abstract)):
+        raise UserError(f"model.lora_targets: {cfg.lora_targets!r} adapts no projection of this model (the expert "
+                        "MLPs of MoE layers take no adapters); target attention, e.g. 'attn/'")
     return ModelDef(cfg, graphdef, abstract, mask)
+
+
+def _paths(abstract) -> list[str]:
+    from optim.trainable import path_name
+
+    return [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(abstract))[0]]
 
 
 def param_shardings(mdef: ModelDef, mesh: Mesh) -> dict:
