@@ -217,3 +217,43 @@ def test_resume_needs_no_source_and_export_works_from_anywhere(lora_run, tmp_pat
     r = meshforge("export", tmp_path / "run", "--format", "peft", "--out", tmp_path / "peft", cwd=elsewhere)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+
+
+def test_sample_from_an_hf_folder(lora_run):
+    """`meshforge sample --from DIR` on an HF folder: its weights and tokenizer, greedy, through the CLI."""
+    base, _, _ = lora_run
+    r = meshforge("sample", "--from", base, "--prompt", "thee thou", "--temperature", 0, "--max-new-tokens", 8)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("thee thou") and len(r.stdout.strip()) > len("thee thou")
+
+
+def test_trainable_regex_trains_only_what_it_finds():
+    """train.trainable 'final_norm': one step moves the final norm and nothing else; the optimizer holds moments
+    for it alone."""
+    from helpers import TINY, mesh_for
+    from optim.chains import OptimConfig, build_optimizer
+    from optim.trainable import select
+    from parallel.mesh import batch_sharding
+    from parallel.rules import activate
+    from train.state import init_state, model_def, state_shardings
+    from train.step import make_train_step
+
+    mdef = model_def(TINY, "final_norm")
+    tx, schedule = build_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), 10,
+                                   select(mdef.logical_axes(), mdef.trainable))
+    mesh = mesh_for(data=1)
+    shardings = state_shardings(tx, mdef, mesh)
+    with activate(mesh):
+        state = init_state(tx, mdef, shardings, seed=0)
+        before = jax.device_get(state["params"])
+        moments = sum(x.size for x in jax.tree.leaves(state["opt_state"]) if x.ndim)
+        step = make_train_step(mdef, tx, schedule, accum_steps=1, seed=0, state_shardings=shardings,
+                               batch_sharding=batch_sharding(mesh))
+        tokens = np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 17)).astype(np.int32)
+        batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((2, 16), np.float32)}
+        state, _ = step(state, batch)
+    after = jax.device_get(state["params"])
+    assert moments == 2 * TINY.d_model  # mu and nu of final_norm/scale_D
+    changed = {jax.tree_util.keystr(p) for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(before)[0],
+                                                            jax.tree.leaves(after)) if not np.array_equal(a, b)}
+    assert changed == {"['final_norm']['scale_D']"}

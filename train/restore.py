@@ -9,15 +9,15 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
+from data.tokenize import load_tokenizer
 from models.lora import merge
 from optim.chains import build_optimizer
 from optim.trainable import select
 from parallel.errors import UserError
+from parallel.mesh import make_mesh
 from parallel.rules import activate
 from train.checkpoint import Checkpointer, has_checkpoints
 from train.config import Config
-from data.tokenize import load_tokenizer
-from parallel.mesh import make_mesh
 from train.setup import build, resolve_model
 from train.state import ModelDef, abstract_state, model_def, state_shardings
 
@@ -25,22 +25,15 @@ from train.state import ModelDef, abstract_state, model_def, state_shardings
 def restore_params(saved: Config, workdir: Path, mdef, param_shardings: dict) -> dict:
     """The latest checkpoint's parameters of the run in `workdir` (made with config `saved`), placed with
     `param_shardings` of the current mesh: the base parameters of `mdef` (a run starting from this one)."""
-    ckpt = Checkpointer(workdir / "checkpoints", read_only=True)
-    step = max(ckpt.all_steps(), default=None)
-    if step is None:
+    if not has_checkpoints(workdir / "checkpoints"):
         raise UserError(f"train.init_from: {workdir} has no checkpoint yet")
     src = model_def(saved.model, saved.train.trainable)
     if src.cfg.scan_layers != mdef.cfg.scan_layers:
         raise UserError(f"train.init_from: {workdir} was trained with model.scan_layers "
                         f"{str(src.cfg.scan_layers).lower()}; use the same setting (or export it to HF first)")
     tx, _ = build_optimizer(saved.optim, saved.train.steps, select(src.logical_axes(), src.trainable))
-    src_shardings = state_shardings(tx, src, jax.tree.leaves(param_shardings)[0].mesh)
-    try:
-        state, _ = ckpt.restore_quietly(step, abstract_state(tx, src, src_shardings))
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"train.init_from: checkpoint {step} of {workdir} cannot be restored ({e})") from None
-    finally:
-        ckpt.close()
+    mesh = jax.tree.leaves(param_shardings)[0].mesh
+    state, _ = _restore(workdir, None, mesh, tx, src, state_shardings(tx, src, mesh))
     params = state["params"]
     if src.cfg.lora_rank:  # the source's fine-tuning is part of the model this run starts from
         params = merge(params, src.cfg.lora_alpha / src.cfg.lora_rank)
