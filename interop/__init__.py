@@ -1,3 +1,5 @@
-"""Crossing the project's border: HuggingFace family tables (families), import of HF folders into sharded
-parameters (hf_import) and export of parameters to HF folders (hf_export). transformers and PyTorch are never
-imported here: folders are read and written with `safetensors` and JSON only."""
+"""Crossing the project's border: HuggingFace family tables (families, layout), import of HF folders into sharded
+parameters (hf_import), export to HF and PEFT folders (hf_export, peft_export, export_run), pretrained starting
+points for `train.init_from` (pretrained) and `meshforge sample` (sample). Folders are read and written with
+`safetensors` and JSON only: transformers and PyTorch are imported by nothing a run uses, only by the generation
+benchmark (bench_generate) and the tests."""
