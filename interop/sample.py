@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
 from data.tokenize import load_tokenizer
@@ -11,13 +10,12 @@ from train.generate import Generator, Sampling
 
 
 def _sampling(args) -> Sampling:
-    if args.temperature < 0 or not math.isfinite(args.temperature):
-        raise UserError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.num_samples < 1 or args.max_new_tokens < 0 or args.top_k < 0:
-        raise UserError("--num-samples must be >= 1, --max-new-tokens >= 0 and --top-k >= 0")
-    return Sampling(args.temperature, args.top_k, args.top_p)
+    if args.num_samples < 1 or args.max_new_tokens < 0:
+        raise UserError("--num-samples must be >= 1 and --max-new-tokens >= 0")
+    try:  # Sampling checks its own fields (a NaN temperature fails `>= 0` too)
+        return Sampling(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        raise UserError(f"--temperature/--top-k/--top-p: {e}") from None
 
 
 def _eos(tokenizer) -> int | None:

@@ -348,9 +348,8 @@ class Transformer(nnx.Module):
         if cache is None:
             mask = segment_mask(segment_ids_BT)
         else:
-            first = jax.tree.leaves(cache)[0]  # every layer's cache has the same slots and write position
-            at = jax.tree.leaves(cache)[-1].reshape(-1)[0]
-            mask = cache_mask(positions_BT, cache_starts_B, first.shape[-2], at)
+            slots = jax.tree.leaves(cache)[0].shape[-2]  # every layer's cache has the same slots
+            mask = cache_mask(positions_BT, cache_starts_B, slots, cache_position(cache))
         llama3 = (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len) \
             if cfg.rope_scaling == "llama3" else None
         rope = rope_tables(positions_BT, cfg.head_size, cfg.rope_theta, llama3) if cfg.positions == "rope" else None
@@ -395,6 +394,11 @@ class Transformer(nnx.Module):
 
         layer_keys = keys if keys is not None else jnp.zeros((n_units,), jnp.uint32)
         return scan_blocks(x_BTD, self.blocks, layer_keys, cache)
+
+
+def cache_position(cache) -> jax.Array:
+    """The slot the next token is written to (every layer's cache holds the same one; stacked when scanned)."""
+    return jax.tree.leaves(cache)[-1].reshape(-1)[0]
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32):

@@ -19,7 +19,7 @@ from helpers import mesh_for  # noqa: E402
 from interop_helpers import VOCAB, build_hf, hf_config, randomize  # noqa: E402
 
 from interop.hf_import import hf_model_config, load_hf_params  # noqa: E402
-from models.transformer import ModelConfig  # noqa: E402
+from models.transformer import ModelConfig, cache_position  # noqa: E402
 from parallel.rules import activate  # noqa: E402
 from train.generate import MIN_BUCKET, Generator, Sampling, bucket, pick  # noqa: E402
 from train.state import ModelDef, model_def, param_shardings  # noqa: E402
@@ -156,7 +156,7 @@ def test_cached_decode_equals_full_forward(models, case, scan):
 
     @jax.jit
     def step(params, cache, tok_B):  # what the decode loop does with each sampled token
-        at = jax.tree.leaves(cache)[-1].reshape(-1)[0]
+        at = cache_position(cache)
         return mdef.apply(params, tok_B[:, None], positions_BT=(at - starts_B)[:, None], cache=cache,
                           cache_starts_B=starts_B)
 

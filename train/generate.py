@@ -9,6 +9,7 @@ written its end-of-sequence token or the budget is spent. Greedy, temperature, t
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
@@ -17,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data.loader import process_rows
-from models.transformer import compute_dtype, init_cache
+from models.transformer import cache_position, compute_dtype, init_cache
 from parallel.hosts import gather
 from parallel.mesh import batch_sharding, padded_rows
 from parallel.rules import activate
@@ -38,8 +39,8 @@ class Sampling:
     top_p: float = 1.0  # nucleus: the smallest set of tokens whose probability reaches top_p
 
     def __post_init__(self):
-        if not self.temperature >= 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
-            raise ValueError("sampling: temperature must be >= 0 (0: greedy), top_k >= 0, top_p in (0, 1]")
+        if not 0 <= self.temperature < math.inf or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError("sampling: temperature must be finite and >= 0 (0: greedy), top_k >= 0, top_p in (0, 1]")
 
 
 def pick(logits_BV: jax.Array, key: jax.Array, s: Sampling, vocab_limit: int) -> jax.Array:
@@ -103,7 +104,7 @@ class Generator:
                 tok_B = jnp.where(done_B, eos, pick(logits_BV, sub, s, limit))
                 out_BN = out_BN.at[:, i].set(tok_B)
                 done_B = done_B | (tok_B == eos)
-                at = jax.tree.leaves(cache)[-1].reshape(-1)[0]  # the slot this token is written to
+                at = cache_position(cache)  # the slot this token is written to
                 logits_B1V, cache = mdef.apply(params, tok_B[:, None], positions_BT=(at - starts_B)[:, None],
                                                cache=cache, cache_starts_B=starts_B)
                 return i + 1, cache, logits_B1V[:, 0], done_B, out_BN, key

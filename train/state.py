@@ -17,8 +17,9 @@ from flax import nnx
 from flax.core import spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from models.lora import is_adapter_path
 from models.transformer import ModelConfig, Transformer
-from optim.trainable import select, trainable_mask
+from optim.trainable import path_name, select, trainable_mask
 from parallel.errors import UserError
 from parallel.rules import RULES
 
@@ -59,15 +60,13 @@ def model_def(cfg: ModelConfig, trainable: str = "") -> ModelDef:
         mask = trainable_mask(nnx.to_pure_dict(abstract), trainable, lora=cfg.lora_rank > 0)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if cfg.lora_rank and not any("_lora/" in p for p in _paths(abstract)):
+    if cfg.lora_rank and not any(is_adapter_path(p) for p in _paths(abstract)):
         raise UserError(f"model.lora_targets: {cfg.lora_targets!r} adapts no projection of this model (the expert "
                         "MLPs of MoE layers take no adapters); target attention, e.g. 'attn/'")
     return ModelDef(cfg, graphdef, abstract, mask)
 
 
 def _paths(abstract) -> list[str]:
-    from optim.trainable import path_name
-
     return [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(abstract))[0]]
 
 
