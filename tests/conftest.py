@@ -7,3 +7,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
+
+
+def pytest_report_header(config) -> str:
+    """Which end of the supported range this run tests (see .ci/run)."""
+    from importlib.metadata import version
+    return "stack: " + ", ".join(f"{name} {version(name)}" for name in ("jax", "flax", "optax", "orbax-checkpoint"))

@@ -9,6 +9,8 @@ import pytest
 
 from helpers import meshforge, tree_digest
 
+pytestmark = pytest.mark.compat  # also run on the newest supported stack (.ci/run)
+
 TINY_RUN = ["--model.d_model", "32", "--model.n_layers", "1", "--model.n_heads", "2", "--train.seq_len", "16",
             "--train.batch_size", "4", "--train.eval_every", "10", "--train.eval_batches", "2",
             "--train.checkpoint_every", "10", "--train.log_every=5", "--log.progress", "lines"]

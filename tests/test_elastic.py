@@ -1,5 +1,6 @@
 """A checkpoint written on one mesh continues on another device count and layout with the same losses."""
 import numpy as np
+import pytest
 
 from data.loader import process_rows, to_global
 from helpers import TINY, mesh_for, random_batches
@@ -9,6 +10,8 @@ from parallel.rules import activate
 from train.checkpoint import Checkpointer
 from train.state import abstract_state, init_state, model_def, state_shardings
 from train.step import make_train_step
+
+pytestmark = pytest.mark.compat  # also run on the newest supported stack (.ci/run)
 
 
 def _run(mesh, state, batches, mdef, tx, schedule):

@@ -10,6 +10,8 @@ import pytest
 from helpers import PARAMS_ATOL, TINY, assert_runs_match, learnable_batches, mesh_for, train_run
 from optim.chains import OptimConfig
 
+pytestmark = pytest.mark.compat  # also run on the newest supported stack (.ci/run)
+
 LAYOUTS = {
     "data=8": dict(data=8),
     "fsdp=8": dict(fsdp=8),

@@ -6,8 +6,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from helpers import REPO, cli_env, free_port, meshforge
+
+pytestmark = pytest.mark.compat  # also run on the newest supported stack (.ci/run)
 
 ARGS = ["experiments/shakespeare_char.py", "--model.d_model", "32", "--model.n_layers", "1", "--model.n_heads", "2",
         "--train.seq_len", "16", "--train.batch_size", "8", "--train.steps", "10", "--train.log_every", "1",

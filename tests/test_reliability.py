@@ -59,6 +59,7 @@ def straight(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.compat
 def test_sigkill_then_resume_is_bitwise_identical(straight, tmp_path):
     workdir = tmp_path / "killed"
     args = run60(workdir)
