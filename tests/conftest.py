@@ -7,10 +7,12 @@ import tempfile
 # they compile the same tiny programs over and over, and compiling is most of a small test's time (a cold cache
 # already took the CLI, data-CLI, reliability and experiment tests from 431 s to 306 s on 2 cores).
 # xdist workers inherit the controller's environment, so all of them find the directory made here.
-_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+# A size limit is what makes JAX lock the cache folder, so no process reads an entry another is still writing.
+_OWN_CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="meshforge-test-jax-cache-")
 if _OWN_CACHE:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="meshforge-test-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -28,4 +30,4 @@ def pytest_report_header(config) -> str:
 
 def pytest_sessionfinish(session, exitstatus) -> None:
     if _OWN_CACHE and not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist)
-        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
