@@ -5,7 +5,7 @@
     meshforge sample [EXPERIMENT] [--workdir DIR | --from DIR] [--step N] [--prompt TEXT] [--max-new-tokens N]
                      [--temperature T] [--top-k K] [--top-p P] [--num-samples N] [--seed S]
     meshforge export RUN --format hf|peft --out DIR [--step N]
-    meshforge bench  EXPERIMENT [--section.key VALUE ...] [--steps N] [--warmup N] [--json FILE]
+    meshforge bench  EXPERIMENT [--section.key VALUE ...] [--steps N] [--warmup N] [--json FILE] [--compare torch]
     meshforge bench  EXPERIMENT --data-only [--json FILE] [--seconds S] [--section.key VALUE ...]
     meshforge tokenizer train EXPERIMENT [--section.key VALUE ...]
 
@@ -59,6 +59,8 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         p.add_argument("--seconds", type=float, default=3.0, help="--data-only: time each measurement this long")
         p.add_argument("--steps", type=int, default=20, help="timed train steps (default 20)")
         p.add_argument("--warmup", type=int, default=3, help="untimed train steps after compiling (default 3)")
+        p.add_argument("--compare", choices=["torch"], help="also time a plain PyTorch version of the same model "
+                       "and batch, side by side (needs the bench extra)")
     elif verb in ("eval", "sample"):
         p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     if verb == "sample":
@@ -209,6 +211,13 @@ def bench(cfg, args) -> int:
             Path(args.json).touch()
         except OSError as e:
             raise UserError(f"--json {args.json}: cannot write there ({e.strerror})") from None
+    if args.compare and args.data_only:
+        raise UserError("--compare and --data-only: pick one (--compare times the train step)")
+    if args.compare:
+        from interop.bench_torch import compare
+
+        compare(cfg, steps=args.steps, warmup=args.warmup, json_path=args.json)
+        return 0
     if not args.data_only:
         from train.bench import bench as bench_step
 

@@ -154,3 +154,45 @@ def test_bench_command_writes_json(tmp_path):
     assert result["devices"] == 2 and result["steps_timed"] == 3 and 0 < result["mfu"] < 1
     bad = meshforge("bench", "experiments/shakespeare_char.py", "--steps", "0", devices=2)
     assert bad.returncode == 2 and "--steps" in bad.stderr
+
+
+TORCH_CASES = {  # each feature the PyTorch reference mirrors, checked through equal parameter counts
+    "rope gelu tied": TINY,
+    "learned swiglu untied gqa": dataclasses.replace(TINY, positions="learned", mlp="swiglu", tie_embeddings=False,
+                                                     n_kv_heads=1),
+    "layernorm bias qkv-bias": dataclasses.replace(TINY, norm="layernorm", use_bias=True, qkv_bias=True),
+}
+
+
+@pytest.mark.parametrize("case", TORCH_CASES)
+def test_torch_reference_is_the_same_model(case):
+    pytest.importorskip("torch")
+    from interop.torch_reference import TorchLM, count_params as torch_params
+    from models.transformer import Transformer, count_params
+    from flax import nnx
+
+    model = dataclasses.replace(TORCH_CASES[case], vocab_size=64)
+    assert torch_params(TorchLM(model)) == count_params(Transformer(model, rngs=nnx.Rngs(0)))
+
+
+def test_compare_torch_times_both_on_the_first_batch(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "compare.json"
+    r = meshforge("bench", "experiments/shakespeare_char.py", "--compare", "torch", "--steps", "3", "--warmup", "1",
+                  "--json", out, "--model.d_model", "32", "--model.n_layers", "1", "--model.n_heads", "2",
+                  "--train.seq_len", "16", "--train.batch_size", "4", devices=2)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["meshforge_params"] == res["torch_params"] and res["meshforge_devices"] == 2
+    assert res["meshforge_step_ms"] > 0 and res["torch_step_ms"] > 0 and res["cpu"]
+    assert res["torch_over_meshforge"] == pytest.approx(res["torch_step_ms"] / res["meshforge_step_ms"], rel=1e-2)
+    # A fresh model is near uniform over the 128-row (padded) vocabulary on the real first batch: the reference
+    # computes the experiment's loss, not a stand-in.
+    assert abs(res["torch_first_loss"] - math.log(128)) < 0.3
+    assert "PyTorch / meshforge" in r.stdout
+
+
+def test_compare_torch_refuses_what_the_reference_lacks():
+    r = meshforge("bench", "experiments/shakespeare_char.py", "--compare", "torch", "--model.moe_experts", "4")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "model.moe_experts" in lines[0], r.stderr
