@@ -79,6 +79,7 @@ def time_torch(cfg: Config, tokens_BT: np.ndarray, targets_BT: np.ndarray, steps
 def compare(cfg: Config, *, steps: int, warmup: int, json_path: str | None) -> dict:
     from train.setup import build
 
+    check_supported(cfg.model, cfg.optim)
     if importlib.util.find_spec("torch") is None:  # not imported yet: its thread pools stay out of meshforge's half
         raise UserError("--compare torch needs PyTorch: pip install -e '.[bench]'")
     setup = build(cfg)  # the resolved config (vocabulary from the tokenizer) and the first batch
@@ -89,7 +90,6 @@ def compare(cfg: Config, *, steps: int, warmup: int, json_path: str | None) -> d
     if set(host) - {"inputs", "targets", "weights"} or float(np.min(host.get("weights", 1.0))) < 1.0:
         raise UserError("data.objective: --compare torch times plain next-token windows only (data.mode windows, "
                         "objective causal)")
-    check_supported(setup.cfg.model, setup.cfg.optim)
     ours = bench(setup.cfg, steps=steps, warmup=warmup, show=False)
     theirs = time_torch(setup.cfg, host["inputs"], host["targets"], steps, warmup)
     result = {
