@@ -16,13 +16,8 @@ from models.transformer import ModelConfig
 from optim.chains import OptimConfig
 
 
-class Norm(nn.Module):
-    def __init__(self, d: int, kind: str, eps: float, bias: bool):
-        super().__init__()
-        self.f = nn.RMSNorm(d, eps=eps) if kind == "rmsnorm" else nn.LayerNorm(d, eps=eps, bias=bias)
-
-    def forward(self, x):
-        return self.f(x)
+def norm(d: int, kind: str, eps: float, bias: bool) -> nn.Module:
+    return nn.RMSNorm(d, eps=eps) if kind == "rmsnorm" else nn.LayerNorm(d, eps=eps, bias=bias)
 
 
 def rope(x_BNTH, cos_Th, sin_Th):
@@ -35,7 +30,7 @@ class Block(nn.Module):
         super().__init__()
         d, h, k, hd = m.d_model, m.n_heads, m.n_kv_heads or m.n_heads, m.head_size
         self.h, self.k, self.hd = h, k, hd
-        self.norm1, self.norm2 = (Norm(d, m.norm, m.norm_eps, m.use_bias) for _ in range(2))
+        self.norm1, self.norm2 = (norm(d, m.norm, m.norm_eps, m.use_bias) for _ in range(2))
         self.wqkv = nn.Linear(d, (h + 2 * k) * hd, bias=m.use_bias or m.qkv_bias)
         self.wo = nn.Linear(h * hd, d, bias=m.use_bias)
         self.swiglu = m.mlp == "swiglu"
@@ -70,7 +65,7 @@ class TorchLM(nn.Module):
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
         self.pos = nn.Embedding(m.max_seq_len, m.d_model) if m.positions == "learned" else None
         self.blocks = nn.ModuleList(Block(m) for _ in range(m.n_layers))
-        self.norm = Norm(m.d_model, m.norm, m.norm_eps, m.use_bias)
+        self.norm = norm(m.d_model, m.norm, m.norm_eps, m.use_bias)
         self.head = None if m.tie_embeddings else nn.Linear(m.d_model, m.vocab_size, bias=False)
         inv = 1.0 / (m.rope_theta ** (torch.arange(0, m.head_size, 2, dtype=torch.float32) / m.head_size))
         self.register_buffer("inv_freq", inv, persistent=False)

@@ -5,9 +5,9 @@ import tempfile
 
 # One persistent compilation cache per test session, shared by the test processes and the CLI runs they start:
 # they compile the same tiny programs over and over, and compiling is most of a small test's time (a cold cache
-# already took the CLI, data-CLI, reliability and experiment tests from 431 s to 306 s on 2 cores).
+# took the CLI, data-CLI, reliability and experiment tests from 431 s to 306 s on a 2-core AMD EPYC VM).
 # xdist workers inherit the controller's environment, so all of them find the directory made here.
-# Unlocked (JAX's size-limited cache takes a file lock for every read: 13% slower here), so a process can read an
+# Unlocked (JAX's size-limited cache takes a file lock for every read: 345 s instead of 306 s there), so a process can read an
 # entry another is still writing; JAX then compiles anew and warns, and that warning must not become a CLI run's
 # extra stderr line.
 _OWN_CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="meshforge-test-jax-cache-")
