@@ -7,9 +7,9 @@ import tempfile
 # they compile the same tiny programs over and over, and compiling is most of a small test's time (a cold cache
 # took the CLI, data-CLI, reliability and experiment tests from 431 s to 306 s on a 2-core AMD EPYC VM).
 # xdist workers inherit the controller's environment, so all of them find the directory made here.
-# Unlocked (JAX's size-limited cache takes a file lock for every read: 345 s instead of 306 s there), so a process can read an
-# entry another is still writing; JAX then compiles anew and warns, and that warning must not become a CLI run's
-# extra stderr line.
+# Unlocked (JAX's size-limited cache takes a file lock for every read: 345 s instead of 306 s there), so a
+# process can read an entry another is still writing; JAX then compiles anew and warns, and that warning must not
+# become a CLI run's extra stderr line.
 _OWN_CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="meshforge-test-jax-cache-")
 if _OWN_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
