@@ -27,7 +27,8 @@ def main() -> int:
                 if have != want:
                     wrong.append(f"{name} {have} installed, the oldest stack pins {want}")
     if args.expect_jax_at_least and _tuple(installed["jax"]) < _tuple(args.expect_jax_at_least):
-        wrong.append(f"jax {installed['jax']} installed: the newest stack should have jax >= {args.expect_jax_at_least}")
+        wrong.append(f"jax {installed['jax']} installed: the newest stack should have jax >= "
+                     f"{args.expect_jax_at_least}")
     for w in wrong:
         print(f"CI: {w}", file=sys.stderr)
     return 1 if wrong else 0

@@ -35,7 +35,8 @@ def check_supported(m: ModelConfig, o: OptimConfig) -> None:
         ("model.dtype", str(np.dtype(compute_dtype(m.dtype))), "float32"),
         ("model.param_dtype", m.param_dtype, "float32"),
         ("model.qk_norm", m.qk_norm, False), ("model.rope_scaling", m.rope_scaling, "none"),
-        ("model.causal", m.causal, True), ("model.dropout", m.dropout, 0.0), ("optim.name", o.name, "adamw"), ("optim.accum_steps", o.accum_steps, 1),
+        ("model.causal", m.causal, True), ("model.dropout", m.dropout, 0.0),
+        ("optim.name", o.name, "adamw"), ("optim.accum_steps", o.accum_steps, 1),
     ]
     for key, value, want in unsupported:
         if value != want:
