@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.axes import constrain, param
+from models.dense import dense
 from models.lora import LoRA
 
 
@@ -141,8 +142,8 @@ class Attention(nnx.Module):
         dt = self.dtype
         keys = jax.random.split(key, 3) if key is not None else (None,) * 3
         x_BTD = x_BTD.astype(dt)
-        q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, self.wq_DNH[...].astype(dt))
-        kv_BT2KH = jnp.einsum("btd,dskh->btskh", x_BTD, self.wkv_D2KH[...].astype(dt))
+        q_BTNH = dense(x_BTD, self.wq_DNH[...].astype(dt))
+        kv_BT2KH = dense(x_BTD, self.wkv_D2KH[...].astype(dt))
         if self.wq_DNH_lora is not None:
             q_BTNH = q_BTNH + self.wq_DNH_lora(x_BTD, keys[0])
         if self.wkv_D2KH_lora is not None:
@@ -164,7 +165,7 @@ class Attention(nnx.Module):
         else:
             out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask, is_causal=self.causal,
                                                     implementation=self.implementation)
-        out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, self.wo_NHD[...].astype(dt))
+        out_BTD = dense(out_BTNH, self.wo_NHD[...].astype(dt), 2)
         if self.wo_NHD_lora is not None:
             out_BTD = out_BTD + self.wo_NHD_lora(out_BTNH, keys[2])
         if self.use_bias:

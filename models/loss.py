@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 
 from models.axes import constrain, shards
+from models.dense import dense
 
 
 def head_logits(x_BTD: jax.Array, head_DV: jax.Array) -> jax.Array:
     """Float32 logits of the output head (the transposed embedding when tied), whatever the compute dtype."""
-    logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV.astype(x_BTD.dtype), preferred_element_type=jnp.float32)
+    logits_BTV = dense(x_BTD, head_DV.astype(x_BTD.dtype), 1, jnp.float32)
     return constrain(logits_BTV, ("batch", "length", "act_vocab"))
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.axes import constrain, param
+from models.dense import dense
 from models.lora import LoRA
 
 
@@ -54,7 +55,7 @@ class MLP(nnx.Module):
         dt = self.dtype
         k1, k2 = jax.random.split(key) if key is not None else (None, None)
         x_BTD = x_BTD.astype(dt)
-        h_BTCF = jnp.einsum("btd,dcf->btcf", x_BTD, self.wi_DCF[...].astype(dt))
+        h_BTCF = dense(x_BTD, self.wi_DCF[...].astype(dt))
         if self.wi_DCF_lora is not None:
             h_BTCF = h_BTCF + self.wi_DCF_lora(x_BTD, k1)
         if self.use_bias:
@@ -62,7 +63,7 @@ class MLP(nnx.Module):
         h_BTF = hidden_activation(h_BTCF[:, :, 0], h_BTCF[:, :, 1] if self.kind == "swiglu" else None, self.kind,
                          self.gelu_approximate)
         h_BTF = constrain(h_BTF, ("batch", "length", "act_mlp"))
-        out_BTD = jnp.einsum("btf,fd->btd", h_BTF, self.wo_FD[...].astype(dt))
+        out_BTD = dense(h_BTF, self.wo_FD[...].astype(dt))
         if self.wo_FD_lora is not None:
             out_BTD = out_BTD + self.wo_FD_lora(h_BTF, k2)
         if self.use_bias:

@@ -35,8 +35,11 @@ def compute_dtype(name: str) -> jnp.dtype:
 # What the backward pass may keep from the forward pass of each layer; the rest is recomputed (jax.checkpoint).
 REMAT_POLICIES = {
     "none": None,  # keep everything: fastest, most memory
-    # Keep matmul outputs, recompute the cheap elementwise work (norms, activations, softmax, rotary).
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep matmul outputs, recompute the cheap elementwise work (norms, activations, softmax, rotary). The
+    # projections are named "dense" (models/dense.py: on a CPU their custom gradient hides the matmul).
+    "save_dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names("dense")),
     # Keep only the residual stream where it enters the attention block and the MLP block of each layer.
     "save_block_inputs": jax.checkpoint_policies.save_only_these_names("block_input"),
     # Keep nothing inside a layer: only its input (the scan carry) survives; the layer is recomputed.

@@ -71,10 +71,15 @@ class StepFlags:
     NAMES = ("stop", "save")
 
     def __init__(self, mesh: Mesh):
-        # One row per device, sharded over every mesh axis: no row is replicated, so no two devices can hold
-        # different copies of it.
-        self.sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
-        self.shape = (mesh.size, len(self.NAMES))
+        if jax.process_count() == 1:
+            # One host, one decision: a replicated row needs no all-reduce, which would be a point where every
+            # device waits for the slowest in the middle of each step.
+            self.sharding, self.shape = NamedSharding(mesh, PartitionSpec()), (1, len(self.NAMES))
+        else:
+            # One row per device, sharded over every mesh axis: no row is replicated, so no two devices can hold
+            # different copies of it.
+            self.sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+            self.shape = (mesh.size, len(self.NAMES))
         self._arrays: dict[tuple[bool, ...], jax.Array] = {}
 
     def array(self, **flags: bool) -> jax.Array:
@@ -84,8 +89,11 @@ class StepFlags:
             raise ValueError(f"unknown step flags {sorted(flags)}; known: {self.NAMES}")
         if key not in self._arrays:
             row_1F = np.array([key], np.int32)
-            shards = [jax.device_put(row_1F, d) for d in self.sharding.addressable_devices]
-            self._arrays[key] = jax.make_array_from_single_device_arrays(self.shape, self.sharding, shards)
+            if self.shape[0] == 1:
+                self._arrays[key] = jax.device_put(row_1F, self.sharding)
+            else:
+                shards = [jax.device_put(row_1F, d) for d in self.sharding.addressable_devices]
+                self._arrays[key] = jax.make_array_from_single_device_arrays(self.shape, self.sharding, shards)
         return self._arrays[key]
 
     def read(self, metrics: dict) -> dict[str, bool]:
