@@ -5,7 +5,7 @@
     meshforge sample [EXPERIMENT] [--workdir DIR | --from DIR] [--step N] [--prompt TEXT] [--max-new-tokens N]
                      [--temperature T] [--top-k K] [--top-p P] [--num-samples N] [--seed S]
     meshforge export RUN --format hf|peft --out DIR [--step N]
-    meshforge bench  EXPERIMENT [--section.key VALUE ...] [--steps N] [--warmup N] [--json FILE] [--compare torch]
+    meshforge bench  EXPERIMENT [--section.key VALUE ...] [--steps N] [--warmup N] [--json FILE] [--compare torch|train]
     meshforge bench  EXPERIMENT --data-only [--json FILE] [--seconds S] [--section.key VALUE ...]
     meshforge tokenizer train EXPERIMENT [--section.key VALUE ...]
 
@@ -18,7 +18,10 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
+
+_IMPORTED = time.perf_counter()
 
 from parallel.errors import UserError
 from train.health import TrainingHalted
@@ -59,8 +62,10 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         p.add_argument("--seconds", type=float, default=3.0, help="--data-only: time each measurement this long")
         p.add_argument("--steps", type=int, default=20, help="timed train steps (default 20)")
         p.add_argument("--warmup", type=int, default=3, help="untimed train steps after compiling (default 3)")
-        p.add_argument("--compare", choices=["torch"], help="also time a plain PyTorch version of the same model "
-                       "and batch, side by side (needs the bench extra)")
+        p.add_argument("--compare", choices=["torch", "train"], help="torch: also time a plain PyTorch version of "
+                       "the same model and batch, side by side (needs the bench extra); train: a real train run of "
+                       "the experiment (temporary workdir) between two benches, the loop's step time against the "
+                       "step's")
     elif verb in ("eval", "sample"):
         p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     if verb == "sample":
@@ -158,7 +163,7 @@ def run(verb: str, argv: list[str]) -> int:
         maybe_initialize_distributed(launch)
         from train.loop import train
 
-        train(cfg, workdir, fresh=args.fresh, initial=initial)
+        train(cfg, workdir, fresh=args.fresh, initial=initial, started=command_started())
         return 0
 
     if verb == "sample":
@@ -187,6 +192,20 @@ def run(verb: str, argv: list[str]) -> int:
     return 0
 
 
+def command_started() -> float:
+    """perf_counter() at this process's start, interpreter start-up included (Linux /proc); elsewhere, when this
+    module was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        age = uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+        return time.perf_counter() - age if 0 <= age < 1e6 else _IMPORTED
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED
+
+
 def is_hf(path: str) -> bool:
     from interop.pretrained import is_hf_folder
 
@@ -213,10 +232,15 @@ def bench(cfg, args) -> int:
             raise UserError(f"--json {args.json}: cannot write there ({e.strerror})") from None
     if args.compare and args.data_only:
         raise UserError("--compare and --data-only: pick one (--compare times the train step)")
-    if args.compare:
+    if args.compare == "torch":
         from interop.bench_torch import compare
 
         compare(cfg, steps=args.steps, warmup=args.warmup, json_path=args.json)
+        return 0
+    if args.compare == "train":
+        from train.bench_loop import compare_train
+
+        compare_train(cfg, steps=args.steps, warmup=args.warmup, json_path=args.json)
         return 0
     if not args.data_only:
         from train.bench import bench as bench_step

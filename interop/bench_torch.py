@@ -69,7 +69,7 @@ def time_torch(cfg: Config, tokens_BT: np.ndarray, targets_BT: np.ndarray, steps
     for i in range(warmup + steps):
         t = time.perf_counter()
         loss = train_step(model, opt, cfg.optim.clip_norm, tokens, targets)
-        losses.append(float(loss))  # eager: the step is done when its loss is read
+        losses.append(float(loss.detach()))  # eager: the step is done when its loss is read
         if i >= warmup:
             times.append(time.perf_counter() - t)
     return {"step_ms_median": round(1000 * statistics.median(times), 3), "params": count_params(model),

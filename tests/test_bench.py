@@ -192,6 +192,22 @@ def test_compare_torch_times_both_on_the_first_batch(tmp_path):
     assert "PyTorch / meshforge" in r.stdout
 
 
+def test_compare_train_runs_the_loop_between_two_benches(tmp_path):
+    out = tmp_path / "loop.json"
+    r = meshforge("bench", "experiments/shakespeare_char.py", "--compare", "train", "--steps", "3", "--warmup", "1",
+                  "--json", out, "--model.d_model", "32", "--model.n_layers", "1", "--model.n_heads", "2",
+                  "--train.seq_len", "16", "--train.batch_size", "4", "--train.steps", "8", "--train.eval_every", "4",
+                  "--train.eval_batches", "2", "--train.log_every", "4", devices=2)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["train_steps"] == 8 and res["train_evals"] == 2 and res["devices"] == 2
+    assert res["bench_step_ms"] == pytest.approx((res["bench_step_ms_before"] + res["bench_step_ms_after"]) / 2,
+                                                 rel=1e-3)
+    assert res["train_over_bench"] == pytest.approx(res["train_step_ms"] / res["bench_step_ms"], rel=1e-2)
+    assert 0 < res["train_eval_s"] < res["train_wall_s"] and res["train_compile_s"] < res["train_setup_s"]
+    assert res["final_val_loss"] < 4.9 and "train / bench" in r.stdout
+
+
 def test_compare_torch_refuses_what_the_reference_lacks():
     r = meshforge("bench", "experiments/shakespeare_char.py", "--compare", "torch", "--model.moe_experts", "4")
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]

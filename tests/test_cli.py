@@ -64,6 +64,11 @@ def test_train_writes_the_run_files(run_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 20 and summary["tokens_this_run"] == 20 * 4 * 16
     assert summary["final_val_loss"] < 4.9  # below the loss of a uniform guess over 128 tokens (ln 128 = 4.85)
+    # Time accounting: start-up (from the command's own start, imports included, to the first step) holds the
+    # compilation; two evaluations; the parts fit in the whole.
+    assert summary["compile_s"] < summary["startup_s"] < summary["wall_s"] and summary["evals"] == 2
+    assert 0 < summary["eval_s"] < summary["wall_s"] - summary["startup_s"]
+    assert 0 < summary["step_ms_median"] < 1000 * (summary["wall_s"] - summary["startup_s"]) / 20
 
 
 def test_resume_continues_from_latest_checkpoint(run_dir, tmp_path):

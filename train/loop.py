@@ -123,13 +123,15 @@ def say(msg: str) -> None:
 class Compiled(NamedTuple):
     step: Any  # the compiled train step
     seconds: float  # its compile time
-    t_start: float  # when the command started: the run's wall time counts set-up too
+    started: float  # perf_counter() when the command started: wall and start-up times count from there
 
 
-def train(cfg: Config, workdir: Path, fresh: bool = False, initial: Callable | None = None) -> dict:
+def train(cfg: Config, workdir: Path, fresh: bool = False, initial: Callable | None = None,
+          started: float | None = None) -> dict:
     """Train (or resume) the run of `cfg` in `workdir`. `initial(mdef, param_shardings)` gives pretrained
-    parameters for a new run (train.init_from; interop.pretrained)."""
-    t_start = time.perf_counter()
+    parameters for a new run (train.init_from; interop.pretrained). `started`: perf_counter() at the command's
+    start (the CLI's process start), for the summary's wall_s and startup_s; by default, this call."""
+    started = time.perf_counter() if started is None else started
     workdir = Path(workdir)
     resuming = has_checkpoints(workdir / "checkpoints") and not fresh
     setup = build(cfg, workdir if resuming else None)  # validates everything before any file is written
@@ -152,7 +154,7 @@ def train(cfg: Config, workdir: Path, fresh: bool = False, initial: Callable | N
         if fresh:
             barrier("fresh")  # no process lists the workdir before the archive move is done
         start = target if resuming else (lambda sh: initial(setup.mdef, sh)) if initial else None
-        return _train(setup, workdir, start, Compiled(step, seconds, t_start))
+        return _train(setup, workdir, start, Compiled(step, seconds, started))
     except Exception as e:
         if is_storage_failure(e):
             raise storage_error(workdir, e, latest_committed_step(workdir / "checkpoints")) from None
@@ -210,14 +212,13 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
     progress.log("config: " + json.dumps(cfg.to_dict(), separators=(",", ":")))
     progress.log(f"compiled the train step in {compiled.seconds:.1f}s")
 
-    eval_step = make_eval_step(setup.mdef, setup.shardings["params"], setup.batch_sharding)
-    task_eval = task_evaluator(setup)  # synthetic tasks: exact match of greedy samples on held-out problems
+    rate = Throughput(cfg.model, tc.seq_len, compiled.started)
+    evaluations = Evaluations(setup, metrics, progress, rate)
     task_scores: dict = {}
     faults = Faults()
     batch = setup.batch_fn(edit=faults.corrupt_batch)
     next_batch = batch(start)
     outputs = StepOutputs()
-    rate = Throughput(cfg.model, tc.seq_len)
     health = Health(tc, int(jax.device_get(nonfinite_counts(state["opt_state"])[1])), progress.log,
                     ckpt.latest_step)
     last: dict = {}
@@ -227,6 +228,7 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
     for step in range(start, tc.steps):
         save_due = tc.checkpoint_every_s > 0 and time.perf_counter() - last_save_t >= tc.checkpoint_every_s
         state, m = compiled.step(state, next_batch, setup.flags.array(stop=preemption.requested, save=save_due))
+        rate.dispatched()
         faults.after_dispatch(step + 1, ckpt)
         done = step + 1
         log_now = done % tc.log_every == 0 or done == tc.steps
@@ -248,16 +250,12 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
             progress.update(done, last)
         evaluated = ((tc.eval_every and done % tc.eval_every == 0) or done == tc.steps) and not stop
         if evaluated:
-            val_loss = evaluate(setup, state["params"], eval_step, tc.eval_batches)
-            task_scores = task_eval(state["params"]) if task_eval is not None else {}
-            metrics.write(done, {"val_loss": val_loss, **task_scores})
-            progress.log(f"eval at step {done}: val_loss {val_loss:.4f}"
-                         + "".join(f", {k} {v:.4f}" for k, v in task_scores.items()))
+            val_loss, task_scores = evaluations(state["params"], done)
         if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps or stop or timed_save:
             ckpt.save(done, state, {"data": setup.data.state(done), "config": cfg.to_dict()})
             last_save_step, last_save_t = done, time.perf_counter()
         if evaluated:
-            rate.restart()  # evaluation time is not step time
+            rate.restart()  # evaluation and its checkpoint are not step time
         if stop:
             ckpt.wait()
             progress.log(f"meshforge: preempted: checkpoint at step {done} written; rerun the same command "
@@ -268,8 +266,8 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
     ckpt.close()
     summary = {
         "name": cfg.name, "steps": tc.steps, "last_step": done, "steps_this_run": done - start, "preempted": stop,
-        "params": n_params, **rate.summary(time.perf_counter() - compiled.t_start, done - start),
-        "compile_s": round(compiled.seconds, 2), "final_loss": last.get("loss"), "final_val_loss": val_loss,
+        "params": n_params, **rate.summary(done - start), "compile_s": round(compiled.seconds, 2),
+        "final_loss": last.get("loss"), "final_val_loss": val_loss,
         **{f"final_{k}": v for k, v in task_scores.items()}, "skipped_steps": last.get("skipped_steps", 0),
         "devices": jax.device_count(), "processes": jax.process_count(), "platform": jax.devices()[0].platform,
     }
@@ -281,20 +279,34 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
 
 
 class Throughput:
-    """Log rows of a window of fetched step metrics, timed from the window's start, and the run's summary
-    figures (MFU as `meshforge bench` computes it, train/accounting.py; on CPU the peak is a ~0.2 s matmul
-    probe)."""
+    """Log rows of a window of fetched step metrics, timed from the window's start, and the run's summary figures.
 
-    def __init__(self, model_cfg, seq_len: int):
+    The summary's step_ms_median is the median time from one dispatch to the next: the call blocks until the step
+    before has finished, so in steady state that is one step, measured as `meshforge bench` measures it. MFU is
+    computed as bench computes it (train/accounting.py; on CPU the peak is a ~0.2 s matmul probe).
+    """
+
+    def __init__(self, model_cfg, seq_len: int, started: float):
         self.flops_per_token = train_flops_per_token(model_cfg, seq_len)
         self.peak, _ = device_peak(model_cfg.dtype)
-        self.step_ms: list[float] = []
+        self.started = started  # perf_counter() when the command started
+        self.step_s: list[float] = []
+        self.last_dispatch: float | None = None
+        self.first_dispatch: float | None = None
         self.tokens = 0.0
+        self.eval_s, self.evals = 0.0, 0
         self.t0 = time.perf_counter()
+
+    def dispatched(self) -> None:
+        now = time.perf_counter()
+        self.first_dispatch = self.first_dispatch or now
+        if self.last_dispatch is not None:
+            self.step_s.append(now - self.last_dispatch)
+        self.last_dispatch = now
 
     def restart(self) -> None:
         """Start timing anew after work that is not step time (evaluation)."""
-        self.t0 = time.perf_counter()
+        self.t0, self.last_dispatch = time.perf_counter(), None
 
     def _mfu(self, tokens_per_s: float) -> float:
         return mfu(tokens_per_s, self.flops_per_token, self.peak, jax.device_count())
@@ -316,17 +328,40 @@ class Throughput:
         }
         if self.peak:
             row["mfu"] = self._mfu(row["tokens_per_s"])
-        self.step_ms.append(row["step_ms"])
         self.t0 = time.perf_counter()
         return row
 
-    def summary(self, wall: float, steps: int) -> dict:
-        median = statistics.median(self.step_ms) if self.step_ms else None
+    def summary(self, steps: int) -> dict:
+        wall = time.perf_counter() - self.started
+        median = statistics.median(self.step_s) if self.step_s else None
         return {
             "tokens_this_run": int(self.tokens),
             "wall_s": round(wall, 2),
+            # from the command's start to the first step: imports, data, model, compilation, restore
+            "startup_s": round(self.first_dispatch - self.started, 2) if self.first_dispatch else None,
+            "eval_s": round(self.eval_s, 2),
+            "evals": self.evals,
             "tokens_per_s": round(self.tokens / wall, 1) if wall > 0 else None,
-            "step_ms_median": round(median, 3) if median else None,
-            # at the median step time: the steady-state figure `meshforge bench` reports too
-            "mfu": round(self._mfu(self.tokens / max(steps, 1) / (median / 1000)), 4) if self.peak and median else None,
+            "step_ms_median": round(1000 * median, 3) if median else None,
+            "mfu": round(self._mfu(self.tokens / max(steps, 1) / median), 4) if self.peak and median else None,
         }
+
+
+class Evaluations:
+    """The validation loss (and synthetic-task scores) at a step: computed, logged, and timed for the summary."""
+
+    def __init__(self, setup: Setup, metrics: MetricsWriter, progress: Progress, rate: Throughput):
+        self.setup, self.metrics, self.progress, self.rate = setup, metrics, progress, rate
+        self.eval_step = make_eval_step(setup.mdef, setup.shardings["params"], setup.batch_sharding)
+        self.task_eval = task_evaluator(setup)  # synthetic tasks: exact match of greedy samples on held-out problems
+
+    def __call__(self, params, step: int) -> tuple[float, dict]:
+        t = time.perf_counter()
+        val_loss = evaluate(self.setup, params, self.eval_step, self.setup.cfg.train.eval_batches)
+        scores = self.task_eval(params) if self.task_eval is not None else {}
+        seconds = time.perf_counter() - t
+        self.rate.eval_s, self.rate.evals = self.rate.eval_s + seconds, self.rate.evals + 1
+        self.metrics.write(step, {"val_loss": val_loss, **scores})
+        self.progress.log(f"eval at step {step}: val_loss {val_loss:.4f}"
+                          + "".join(f", {k} {v:.4f}" for k, v in scores.items()) + f" ({seconds:.1f}s)")
+        return val_loss, scores
