@@ -1,5 +1,5 @@
 """`meshforge bench EXPERIMENT --compare torch`: meshforge's train step and a plain PyTorch (eager) version of the
-same model, optimizer and batch (interop/torch_reference.py), timed one after the other in one process, with the
+same model, optimizer and batch (interop/torch_reference.py), timed in alternating turns in one process, with the
 machine named: a ratio measured side by side is what carries from one machine type to another.
 
 PyTorch runs with its default thread count (one per core) and its fused CPU AdamW; meshforge runs as `bench` does
@@ -21,7 +21,7 @@ from interop.bench_generate import cpu_model, load_average
 from models.transformer import ModelConfig, compute_dtype
 from optim.chains import OptimConfig
 from parallel.errors import UserError
-from train.bench import bench
+from train.bench import StepTimer, bench
 from train.config import Config
 
 VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "neon", "asimd", "sve")
@@ -56,25 +56,44 @@ def vector_extensions() -> list[str]:
     return [f for f in VECTOR_FLAGS if f in flags]
 
 
-def time_torch(cfg: Config, tokens_BT: np.ndarray, targets_BT: np.ndarray, steps: int, warmup: int) -> dict:
-    import torch
+class TorchTimer:
+    """The PyTorch reference's train step on the given batch, run and timed a few steps at a time."""
 
-    from interop.torch_reference import TorchLM, count_params, optimizer, train_step
+    def __init__(self, cfg: Config, tokens_BT: np.ndarray, targets_BT: np.ndarray):
+        import torch
 
-    torch.manual_seed(cfg.train.seed)
-    model = TorchLM(cfg.model)
-    opt = optimizer(model, cfg.optim)
-    tokens, targets = torch.from_numpy(tokens_BT.astype(np.int64)), torch.from_numpy(targets_BT.astype(np.int64))
-    times, losses = [], []
-    for i in range(warmup + steps):
-        t = time.perf_counter()
-        loss = train_step(model, opt, cfg.optim.clip_norm, tokens, targets)
-        losses.append(float(loss.detach()))  # eager: the step is done when its loss is read
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return {"step_ms_median": round(1000 * statistics.median(times), 3), "params": count_params(model),
-            "threads": torch.get_num_threads(), "version": torch.__version__, "first_loss": losses[0],
-            "optimizer": type(opt).__name__ + (" (fused)" if opt.defaults.get("fused") else "")}
+        from interop.torch_reference import TorchLM, optimizer
+
+        torch.manual_seed(cfg.train.seed)
+        self.model, self.clip = TorchLM(cfg.model), cfg.optim.clip_norm
+        self.opt = optimizer(self.model, cfg.optim)
+        self.tokens = torch.from_numpy(tokens_BT.astype(np.int64))
+        self.targets = torch.from_numpy(targets_BT.astype(np.int64))
+        self.times: list[float] = []
+        self.losses: list[float] = []
+
+    def run(self, steps: int, *, timed: bool = True) -> None:
+        from interop.torch_reference import train_step
+
+        for _ in range(steps):
+            t = time.perf_counter()
+            loss = train_step(self.model, self.opt, self.clip, self.tokens, self.targets)
+            self.losses.append(float(loss.detach()))  # eager: the step is done when its loss is read
+            if timed:
+                self.times.append(time.perf_counter() - t)
+
+    def report(self) -> dict:
+        import torch
+
+        from interop.torch_reference import count_params
+
+        fused = " (fused)" if self.opt.defaults.get("fused") else ""
+        return {"step_ms_median": round(1000 * statistics.median(self.times), 3), "params": count_params(self.model),
+                "threads": torch.get_num_threads(), "version": torch.__version__, "first_loss": self.losses[0],
+                "optimizer": type(self.opt).__name__ + fused}
+
+
+ROUNDS = 5  # the timed steps are split into this many turns per side: a machine that drifts moves both
 
 
 def compare(cfg: Config, *, steps: int, warmup: int, json_path: str | None) -> dict:
@@ -91,8 +110,14 @@ def compare(cfg: Config, *, steps: int, warmup: int, json_path: str | None) -> d
     if set(host) - {"inputs", "targets", "weights"} or float(np.min(host.get("weights", 1.0))) < 1.0:
         raise UserError("data.objective: --compare torch times plain next-token windows only (data.mode windows, "
                         "objective causal)")
-    ours = bench(setup.cfg, steps=steps, warmup=warmup, show=False)
-    theirs = time_torch(setup.cfg, host["inputs"], host["targets"], steps, warmup)
+    mf, pt = StepTimer(setup.cfg), TorchTimer(setup.cfg, host["inputs"], host["targets"])
+    for timer in (mf, pt):
+        timer.run(warmup, timed=False)
+    for turn in range(ROUNDS):  # alternate, a share of the steps each
+        share = steps * (turn + 1) // ROUNDS - steps * turn // ROUNDS
+        for timer in (mf, pt):
+            timer.run(share)
+    ours, theirs = bench(setup.cfg, steps=steps, warmup=warmup, show=False, timer=mf), pt.report()
     result = {
         "cpu": cpu_model(), "vector_extensions": vector_extensions(), "cores": os.cpu_count(),
         "load_average_after": load_average(), "experiment": setup.cfg.name,

@@ -25,30 +25,50 @@ from train.setup import build, compile_timed
 from train.state import count_params, init_state
 
 
+class StepTimer:
+    """The experiment's compiled train step on freshly initialised state, run and timed a few steps at a time, so
+    that a side-by-side comparison can alternate it with another timer (interop/bench_torch.py)."""
+
+    def __init__(self, cfg: Config):
+        self.setup = build(cfg)
+        self.cfg, tc = self.setup.cfg, self.setup.cfg.train
+        with activate(self.setup.mesh):
+            self.state = init_state(self.setup.tx, self.setup.mdef, self.setup.shardings, tc.seed)
+            self.batch = self.setup.batch_fn()
+            self.next_batch = self.batch(0)
+            self.flags = self.setup.flags.array()
+            self.compiled, self.compile_s = compile_timed(self.setup.train_step(), self.state, self.next_batch,
+                                                          self.flags)
+        self.done = 0
+        self.times: list[float] = []
+        self.tokens: list[float] = []
+
+    def run(self, steps: int, *, timed: bool = True) -> None:
+        with activate(self.setup.mesh):
+            for _ in range(steps):
+                t = time.perf_counter()
+                self.state, metrics = self.compiled(self.state, self.next_batch, self.flags)
+                self.done += 1
+                self.next_batch = self.batch(self.done)  # built while the step runs, as in train
+                jax.block_until_ready((self.state, metrics))
+                if timed:
+                    self.times.append(time.perf_counter() - t)
+                    self.tokens.append(float(metrics["tokens"]))
+
+
 def bench(cfg: Config, *, steps: int = 20, warmup: int = 3, json_path: str | None = None,
-          show: bool = True) -> dict:
+          show: bool = True, timer: StepTimer | None = None) -> dict:
+    """Compile and time the step; with `timer`, report the steps that timer has already run."""
     if steps < 1 or warmup < 0:
         raise UserError("--steps must be >= 1 and --warmup >= 0")
-    setup = build(cfg)
-    cfg, tc = setup.cfg, setup.cfg.train
-    with activate(setup.mesh):
-        state = init_state(setup.tx, setup.mdef, setup.shardings, tc.seed)
-        batch = setup.batch_fn()
-        next_batch = batch(0)
-        flags = setup.flags.array()
-        compiled, compile_s = compile_timed(setup.train_step(), state, next_batch, flags)
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-
-        times, tokens = [], []
-        for i in range(warmup + steps):
-            t = time.perf_counter()
-            state, metrics = compiled(state, next_batch, flags)
-            next_batch = batch(i + 1)  # built while the step runs, as in train
-            jax.block_until_ready((state, metrics))
-            if i >= warmup:
-                times.append(time.perf_counter() - t)
-                tokens.append(float(metrics["tokens"]))
+    if timer is None:
+        timer = StepTimer(cfg)
+        timer.run(warmup, timed=False)
+        timer.run(steps)
+    setup, cfg, tc = timer.setup, timer.cfg, timer.cfg.train
+    compiled, compile_s, times, tokens, state = timer.compiled, timer.compile_s, timer.times, timer.tokens, timer.state
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
 
     n_dev = jax.device_count()
     step_s = statistics.median(times)
