@@ -157,6 +157,9 @@ def run(verb: str, argv: list[str]) -> int:
     rows = cfg.train.batch_size // max(1, cfg.optim.accum_steps)
     processes = launch.num_processes if launch else 1
     configure_cpu_devices(cfg.mesh.cpu_devices or default_cpu_devices(cfg.mesh, rows, processes=processes))
+    from train.setup import use_compile_cache
+
+    use_compile_cache(cfg.train.compile_cache)
     if verb == "bench":
         return bench(cfg, args)
     if verb == "train":

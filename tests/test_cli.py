@@ -71,6 +71,39 @@ def test_train_writes_the_run_files(run_dir):
     assert 0 < summary["step_ms_median"] < 1000 * (summary["wall_s"] - summary["startup_s"]) / 20
 
 
+def test_tensorboard_logging_does_not_import_torch(tmp_path):
+    """tensorboardX imports PyTorch when it is installed; a run's start-up must not pay for that (~2 s)."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    code = ("import sys; from pathlib import Path; from train.metrics import MetricsWriter; "
+            f"w = MetricsWriter(Path({str(tmp_path)!r}), enabled=True, tensorboard=True); w.write(1, {{'loss': 1.0}}); "
+            "w.close(); print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_compile_cache_serves_the_second_run(tmp_path):
+    cache = tmp_path / "cache"
+    env = {"JAX_COMPILATION_CACHE_DIR": "", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # not the tests' own
+    compile_s = []
+    for run in ("first", "second"):
+        r = meshforge("train", EXPERIMENT, "--workdir", tmp_path / run, *TINY_RUN, "--train.steps", "2",
+                      "--train.compile_cache", cache, devices=2, env=env)
+        assert r.returncode == 0, r.stderr
+        compile_s.append(json.loads((tmp_path / run / "summary.json").read_text())["compile_s"])
+    assert any(cache.iterdir())
+    assert compile_s[1] < compile_s[0] / 2, compile_s  # the train step came out of the cache
+    bad = meshforge("train", EXPERIMENT, "--workdir", tmp_path / "bad", "--train.compile_cache", "/proc/nope",
+                    devices=2, env=env)
+    lines = [ln for ln in bad.stderr.splitlines() if ln.strip()]
+    assert bad.returncode == 2 and len(lines) == 1 and "train.compile_cache" in lines[0], bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_resume_continues_from_latest_checkpoint(run_dir, tmp_path):
     """Also checkpoint retention: the extension saves every 2 steps, keeping the last 2 and every multiple of 4."""
     workdir = tmp_path / "resumed"

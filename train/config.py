@@ -47,6 +47,9 @@ class TrainConfig:
     # Train only the parameters whose path (e.g. blocks/0/attn/wq_DNH, final_norm/scale_D) this regex finds;
     # "" trains all (with LoRA: the adapters only, plus what this regex finds).
     trainable: str = ""
+    # JAX's persistent compilation cache: a rerun of an experiment (or any run whose compiled programs are already
+    # there) skips compiling them. "" turns it off; the JAX_COMPILATION_CACHE_DIR variable wins over this.
+    compile_cache: str = "~/.cache/meshforge/jax"
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_batch_size", "keep_checkpoints", "log_every"):

@@ -17,9 +17,7 @@ class MetricsWriter:
         self.path = workdir / "metrics.jsonl"
         self.tb = None
         if enabled and tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(str(workdir / "tb"), flush_secs=30)
+            self.tb = summary_writer_class()(str(workdir / "tb"), flush_secs=30)
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines a killed run logged past the checkpoint we continue from."""
@@ -53,6 +51,21 @@ class MetricsWriter:
                 tb.close()
             except OSError:
                 pass  # the disk filled up: the failure is reported once, by the loop
+
+
+def summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without PyTorch. tensorboardX imports torch whenever it is installed
+    (only to accept torch tensors, which a run never logs): ~2 s of every run's start-up where the bench or test
+    extras are installed. A None entry in sys.modules makes that optional import fail as if torch were absent."""
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def json_value(v):
