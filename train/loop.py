@@ -281,9 +281,10 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
 class Throughput:
     """Log rows of a window of fetched step metrics, timed from the window's start, and the run's summary figures.
 
-    The summary's step_ms_median is the median time from one dispatch to the next: the call blocks until the step
-    before has finished, so in steady state that is one step, measured as `meshforge bench` measures it. MFU is
-    computed as bench computes it (train/accounting.py; on CPU the peak is a ~0.2 s matmul probe).
+    The summary's step_ms_median is the median time from one dispatch to the next. In steady state the loop runs
+    at the devices' pace (on a CPU the call itself waits for the step before; elsewhere the fetch of the metrics
+    four steps back does), so that is one step, the figure `meshforge bench` measures. MFU is computed as bench
+    computes it (train/accounting.py; on CPU the peak is a ~0.2 s matmul probe).
     """
 
     def __init__(self, model_cfg, seq_len: int, started: float):
