@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-_IMPORTED = time.perf_counter()
-
 from parallel.errors import UserError
 from train.health import TrainingHalted
 from train.workdir import StorageError
@@ -157,13 +155,14 @@ def run(verb: str, argv: list[str]) -> int:
     rows = cfg.train.batch_size // max(1, cfg.optim.accum_steps)
     processes = launch.num_processes if launch else 1
     configure_cpu_devices(cfg.mesh.cpu_devices or default_cpu_devices(cfg.mesh, rows, processes=processes))
+    if verb == "train":
+        maybe_initialize_distributed(launch)
     from train.setup import use_compile_cache
 
     use_compile_cache(cfg.train.compile_cache)
     if verb == "bench":
         return bench(cfg, args)
     if verb == "train":
-        maybe_initialize_distributed(launch)
         from train.loop import train
 
         train(cfg, workdir, fresh=args.fresh, initial=initial, started=command_started())
@@ -196,17 +195,19 @@ def run(verb: str, argv: list[str]) -> int:
 
 
 def command_started() -> float:
-    """perf_counter() at this process's start, interpreter start-up included (Linux /proc); elsewhere, when this
-    module was imported."""
+    """perf_counter() at the command's start. For a `meshforge` process (Linux) that is the process's own start,
+    interpreter and imports included; when main() runs inside a longer-lived interpreter (a notebook, a test),
+    or /proc is not there, it is now."""
+    now = time.perf_counter()
     try:
         with open("/proc/self/stat") as f:
             start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks
         with open("/proc/uptime") as f:
             uptime = float(f.read().split()[0])
-        age = uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-        return time.perf_counter() - age if 0 <= age < 1e6 else _IMPORTED
     except (OSError, ValueError, IndexError):
-        return _IMPORTED
+        return now
+    age = uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    return now - age if 0 <= age < 60 else now  # a command reaches main() seconds after its process started
 
 
 def is_hf(path: str) -> bool:

@@ -100,7 +100,9 @@ def compare(cfg: Config, *, steps: int, warmup: int, json_path: str | None) -> d
     from train.setup import build
 
     check_supported(cfg.model, cfg.optim)
-    if importlib.util.find_spec("torch") is None:  # not imported yet: its thread pools stay out of meshforge's half
+    if steps < 1 or warmup < 0:
+        raise UserError("--steps must be >= 1 and --warmup >= 0")
+    if importlib.util.find_spec("torch") is None:
         raise UserError("--compare torch needs PyTorch: pip install -e '.[bench]'")
     setup = build(cfg)  # the resolved config (vocabulary from the tokenizer) and the first batch
     try:

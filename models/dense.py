@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 
-def dense(x: jax.Array, w: jax.Array, n_in: int = 1, out_dtype=None) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1, out_dtype: jnp.dtype | None = None) -> jax.Array:
     """x's last n_in axes contracted with w's first n_in: (..., I...) x (I..., O...) -> (..., O...).
     out_dtype: the matmul's accumulation and output dtype (None: the operands')."""
     if jax.default_backend() == "cpu":

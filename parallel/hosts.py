@@ -63,9 +63,10 @@ class StepFlags:
     """Per-step decisions every process must take at the same step (stop after SIGTERM, a timed save), carried
     through the train step itself instead of a host round trip.
 
-    Each device holds one row of its host's flags; the step returns their max over all devices (a tiny all-reduce
-    beside the step's own collectives). Every process reads that value from the same step's output, so all stop
-    or save together whichever host was signalled, at no cost on the steps where nothing happens.
+    With several processes each device holds one row of its host's flags and the step returns their max over all
+    devices (a tiny all-reduce beside the step's own collectives); every process reads that value from the same
+    step's output, so all stop or save together whichever host was signalled, at no cost on the steps where
+    nothing happens. One process has one replicated row, and its max is the row itself.
     """
 
     NAMES = ("stop", "save")

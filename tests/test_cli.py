@@ -95,13 +95,13 @@ def test_compile_cache_serves_the_second_run(tmp_path):
                       "--train.compile_cache", cache, devices=2, env=env)
         assert r.returncode == 0, r.stderr
         compile_s.append(json.loads((tmp_path / run / "summary.json").read_text())["compile_s"])
-    assert any(cache.iterdir())
+    [machine] = list(cache.iterdir())  # one subfolder for this CPU type, holding the programs
+    assert any(machine.iterdir())
     assert compile_s[1] < compile_s[0] / 2, compile_s  # the train step came out of the cache
-    bad = meshforge("train", EXPERIMENT, "--workdir", tmp_path / "bad", "--train.compile_cache", "/proc/nope",
-                    devices=2, env=env)
-    lines = [ln for ln in bad.stderr.splitlines() if ln.strip()]
-    assert bad.returncode == 2 and len(lines) == 1 and "train.compile_cache" in lines[0], bad.stderr
-    assert not (tmp_path / "bad").exists()
+    # A cache folder that cannot be made costs the cache, not the run
+    r = meshforge("train", EXPERIMENT, "--workdir", tmp_path / "nocache", *TINY_RUN, "--train.steps", "2",
+                  "--train.compile_cache", "/proc/nope", devices=2, env=env)
+    assert r.returncode == 0 and "warning: train.compile_cache /proc/nope: cannot create it" in r.stderr, r.stderr
 
 
 def test_resume_continues_from_latest_checkpoint(run_dir, tmp_path):

@@ -1,7 +1,8 @@
 """`meshforge bench`: compile the experiment's train step, time it, and show how close it runs to the hardware.
 
 The step is the one `meshforge train` runs (same builder, shardings, data and AOT compile), each timed from
-dispatch to completion with the next batch built while it runs, so the median matches train's `step_ms`.
+dispatch to completion with the next batch built while it runs, so the median matches the step_ms_median of
+train's summary (`meshforge bench --compare train` measures both in one process).
 Nothing is written to a workdir: the state is freshly initialised and thrown away.
 """
 from __future__ import annotations

@@ -20,8 +20,11 @@ from train.config import Config
 
 def compare_train(cfg: Config, *, steps: int, warmup: int, json_path: str | None) -> dict:
     from interop.bench_torch import vector_extensions
+    from parallel.errors import UserError
     from train.loop import train
 
+    if steps < 1 or warmup < 0:
+        raise UserError("--steps must be >= 1 and --warmup >= 0")
     before = bench(cfg, steps=steps, warmup=warmup, show=False)
     with tempfile.TemporaryDirectory(prefix="meshforge-bench-") as tmp:
         run = train(cfg, Path(tmp) / "run", started=time.perf_counter())

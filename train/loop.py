@@ -225,6 +225,7 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
     val_loss = None
     stop = False
     last_save_step, last_save_t = start, time.perf_counter()
+    rate.restart()  # the first window starts with the first step
     for step in range(start, tc.steps):
         save_due = tc.checkpoint_every_s > 0 and time.perf_counter() - last_save_t >= tc.checkpoint_every_s
         state, m = compiled.step(state, next_batch, setup.flags.array(stop=preemption.requested, save=save_due))
@@ -292,6 +293,7 @@ class Throughput:
         self.peak, _ = device_peak(model_cfg.dtype)
         self.started = started  # perf_counter() when the command started
         self.step_s: list[float] = []
+        self.window_ms: list[float] = []  # each log row's mean: the median's stand-in when no two steps ran in a row
         self.last_dispatch: float | None = None
         self.first_dispatch: float | None = None
         self.tokens = 0.0
@@ -329,12 +331,14 @@ class Throughput:
         }
         if self.peak:
             row["mfu"] = self._mfu(row["tokens_per_s"])
+        self.window_ms.append(row["step_ms"])
         self.t0 = time.perf_counter()
         return row
 
     def summary(self, steps: int) -> dict:
         wall = time.perf_counter() - self.started
-        median = statistics.median(self.step_s) if self.step_s else None
+        median = (statistics.median(self.step_s) if self.step_s
+                  else statistics.median(self.window_ms) / 1000 if self.window_ms else None)
         return {
             "tokens_this_run": int(self.tokens),
             "wall_s": round(wall, 2),
@@ -356,7 +360,7 @@ class Evaluations:
         self.eval_step = make_eval_step(setup.mdef, setup.shardings["params"], setup.batch_sharding)
         self.task_eval = task_evaluator(setup)  # synthetic tasks: exact match of greedy samples on held-out problems
 
-    def __call__(self, params, step: int) -> tuple[float, dict]:
+    def __call__(self, params: dict, step: int) -> tuple[float, dict]:
         t = time.perf_counter()
         val_loss = evaluate(self.setup, params, self.eval_step, self.setup.cfg.train.eval_batches)
         scores = self.task_eval(params) if self.task_eval is not None else {}

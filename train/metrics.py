@@ -53,7 +53,7 @@ class MetricsWriter:
                 pass  # the disk filled up: the failure is reported once, by the loop
 
 
-def summary_writer_class():
+def summary_writer_class() -> type:
     """tensorboardX's SummaryWriter, imported without PyTorch. tensorboardX imports torch whenever it is installed
     (only to accept torch tensors, which a run never logs): ~2 s of every run's start-up where the bench or test
     extras are installed. A None entry in sys.modules makes that optional import fail as if torch were absent."""

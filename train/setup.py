@@ -73,19 +73,40 @@ class Setup:
         return batch
 
 
+COMPILE_CACHE_BYTES = 4 * 2**30  # least recently used programs go beyond this
+
+
 def use_compile_cache(path: str) -> None:
-    """Keep compiled programs in `path` (train.compile_cache) for later runs; JAX_COMPILATION_CACHE_DIR wins."""
+    """Keep compiled programs under `path` (train.compile_cache) for later runs; JAX_COMPILATION_CACHE_DIR wins.
+
+    A subfolder per host CPU (model and instruction-set flags): a home folder shared by machines of different
+    types never hands one of them code compiled for another's instructions. A folder that cannot be made costs
+    only the cache: a warning, and the run compiles as usual.
+    """
+    import hashlib
     import os
+    import platform
+    import sys
 
     if not path or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
-    folder = Path(path).expanduser()
+    try:
+        cpu = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpu = ""
+    identity = [ln for ln in cpu.splitlines() if ln.startswith(("model name", "flags", "Features"))][:2]
+    machine = hashlib.sha256("\n".join([platform.machine(), *identity]).encode()).hexdigest()[:12]
+    folder = Path(path).expanduser() / machine
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"train.compile_cache {path}: cannot create it ({e.strerror}); give another folder, or "
-                        "\"\" to turn the cache off") from None
+        print(f"meshforge: warning: train.compile_cache {path}: cannot create it ({e.strerror}); compiling without "
+              "a cache (give another folder, or \"\" to turn it off)", file=sys.stderr)
+        return
     jax.config.update("jax_compilation_cache_dir", str(folder))
+    # With a size limit JAX evicts the least recently used programs and locks each read, so two runs sharing the
+    # folder never read a half-written entry.
+    jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_BYTES)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         # JAX's default keeps programs that took 1 s; a small model's evaluation step compiles in less on a CPU
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -158,7 +179,8 @@ def check_resumable(cfg: Config, workdir: Path) -> None:
     saved_cfg = json.loads(path.read_text())
     saved, now = saved_cfg.get("model", {}), dataclasses.asdict(cfg.model)
     shape_keys = ["vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "positions", "norm", "mlp",
-                  "tie_embeddings", "use_bias", "head_dim", "qkv_bias", "qk_norm", "lora_rank", "lora_targets", "rope_scaling", "scan_layers", "param_dtype", "moe_experts", "moe_every", "moe_d_ff"]
+                  "tie_embeddings", "use_bias", "head_dim", "qkv_bias", "qk_norm", "lora_rank", "lora_targets",
+                  "rope_scaling", "scan_layers", "param_dtype", "moe_experts", "moe_every", "moe_d_ff"]
     if now["positions"] == "learned":
         shape_keys.append("max_seq_len")  # the position table's length
     diff = [f"model.{k}: {saved.get(k)} -> {now[k]}" for k in shape_keys if k in saved and saved[k] != now[k]]

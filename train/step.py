@@ -32,8 +32,9 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, schedule: 
                     accum_steps: int, seed: int, state_shardings: State, batch_sharding: NamedSharding,
                     flags_sharding: NamedSharding | None = None) -> Callable:
     """The jitted step (state, batch) -> (state, metrics). With flags_sharding it takes a third argument, the
-    per-device host flags of parallel.hosts.StepFlags, and returns their max over all devices as
-    metrics['flags']: every process reads the same decision from the same step, without a host round trip."""
+    host flags of parallel.hosts.StepFlags (a row per device, or one replicated row in a single process), and
+    returns their max over the rows as metrics['flags']: every process reads the same decision from the same
+    step, without a host round trip."""
     use_dropout = mdef.cfg.dropout > 0 or (mdef.cfg.lora_rank > 0 and mdef.cfg.lora_dropout > 0)
 
     def loss_sums(params, batch, key):
