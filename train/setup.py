@@ -6,7 +6,11 @@ an existing run could change.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
+import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -83,11 +87,6 @@ def use_compile_cache(path: str) -> None:
     types never hands one of them code compiled for another's instructions. A folder that cannot be made costs
     only the cache: a warning, and the run compiles as usual.
     """
-    import hashlib
-    import os
-    import platform
-    import sys
-
     if not path or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     try:
