@@ -15,6 +15,7 @@ CASES = [  # (x shape, w shape, n_in): every projection the models make, both si
     ((3, 8, 48), (48, 16), 1),  # MLP out: F -> D, wider input
     ((3, 8, 16), (16, 2, 2, 4), 1),  # fused k/v: D -> (2, K, H)
     ((3, 8, 4, 4), (4, 4, 16), 2),  # attention out: (N, H) -> D
+    ((3, 8, 4, 8), (4, 8, 16), 2),  # attention out with N x H wider than D (Qwen3-style head_dim)
 ]
 
 
