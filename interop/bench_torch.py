@@ -21,7 +21,7 @@ from interop.bench_generate import cpu_model, load_average
 from models.transformer import ModelConfig, compute_dtype
 from optim.chains import OptimConfig
 from parallel.errors import UserError
-from train.bench import StepTimer, bench
+from train.bench import StepTimer, bench, check_steps
 from train.config import Config
 
 VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "neon", "asimd", "sve")
@@ -100,8 +100,7 @@ def compare(cfg: Config, *, steps: int, warmup: int, json_path: str | None) -> d
     from train.setup import build
 
     check_supported(cfg.model, cfg.optim)
-    if steps < 1 or warmup < 0:
-        raise UserError("--steps must be >= 1 and --warmup >= 0")
+    check_steps(steps, warmup)  # before anything is compiled
     if importlib.util.find_spec("torch") is None:
         raise UserError("--compare torch needs PyTorch: pip install -e '.[bench]'")
     setup = build(cfg)  # the resolved config (vocabulary from the tokenizer) and the first batch

@@ -57,11 +57,15 @@ class StepTimer:
                     self.tokens.append(float(metrics["tokens"]))
 
 
+def check_steps(steps: int, warmup: int) -> None:
+    if steps < 1 or warmup < 0:
+        raise UserError("--steps must be >= 1 and --warmup >= 0")
+
+
 def bench(cfg: Config, *, steps: int = 20, warmup: int = 3, json_path: str | None = None,
           show: bool = True, timer: StepTimer | None = None) -> dict:
     """Compile and time the step; with `timer`, report the steps that timer has already run."""
-    if steps < 1 or warmup < 0:
-        raise UserError("--steps must be >= 1 and --warmup >= 0")
+    check_steps(steps, warmup)
     if timer is None:
         timer = StepTimer(cfg)
         timer.run(warmup, timed=False)

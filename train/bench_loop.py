@@ -14,17 +14,15 @@ import time
 from pathlib import Path
 
 from interop.bench_generate import cpu_model, load_average
-from train.bench import bench
+from train.bench import bench, check_steps
 from train.config import Config
 
 
 def compare_train(cfg: Config, *, steps: int, warmup: int, json_path: str | None) -> dict:
     from interop.bench_torch import vector_extensions
-    from parallel.errors import UserError
     from train.loop import train
 
-    if steps < 1 or warmup < 0:
-        raise UserError("--steps must be >= 1 and --warmup >= 0")
+    check_steps(steps, warmup)  # before anything is compiled
     before = bench(cfg, steps=steps, warmup=warmup, show=False)
     with tempfile.TemporaryDirectory(prefix="meshforge-bench-") as tmp:
         run = train(cfg, Path(tmp) / "run", started=time.perf_counter())
