@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optim.prune import PruneConfig, prune
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -140,11 +142,12 @@ def scale_by_stacked_trust_ratio(stacked: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
-def build_optimizer(cfg: OptimConfig, total_steps: int,
-                    logical_axes: Any = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def build_optimizer(cfg: OptimConfig, total_steps: int, logical_axes: Any = None,
+                    pruning: PruneConfig | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The whole chain and its schedule. `logical_axes` (ModelDef.logical_axes(): one tuple of names per param)
     tells LAMB which leading axes stack layers or experts; LAMB refuses to build without it, since a per-leaf
-    trust ratio would silently be shared by all layers of a scanned model. AdamW does not need it."""
+    trust ratio would silently be shared by all layers of a scanned model. AdamW does not need it. `pruning`
+    (the `prune` section) wraps clipping and the optimizer in optim.prune, which needs the logical axes too."""
     schedule = make_schedule(cfg, total_steps)
     mask = lambda params: decay_mask(params, cfg.decay_embeddings)  # noqa: E731
     if cfg.name == "adamw":
@@ -161,9 +164,14 @@ def build_optimizer(cfg: OptimConfig, total_steps: int,
     if cfg.moment_dtype != "float32":
         core = stored_as(core, jnp.dtype(cfg.moment_dtype))
     clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
-    # A step whose gradients hold a NaN or Inf leaves parameters and moments untouched; the state counts such
-    # steps (`nonfinite_counts`). The training loop decides when too many in a row means stop.
-    return optax.apply_if_finite(optax.chain(clip, core), max_consecutive_errors=2**30), schedule
+    chain = optax.chain(clip, core)
+    if pruning is not None and pruning.method != "none":
+        if logical_axes is None:
+            raise ValueError("build_optimizer: pruning needs the parameters' logical axes (ModelDef.logical_axes())")
+        chain = prune(chain, pruning, logical_axes, total_steps)
+    # A step whose gradients hold a NaN or Inf leaves parameters, moments and masks untouched; the state counts
+    # such steps (`nonfinite_counts`). The training loop decides when too many in a row means stop.
+    return optax.apply_if_finite(chain, max_consecutive_errors=2**30), schedule
 
 
 def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from data.config import DataConfig
 from models.transformer import ModelConfig
 from optim.chains import OptimConfig
+from optim.prune import PruneConfig
 from parallel.errors import UserError
 from parallel.mesh import MeshConfig
 
@@ -72,6 +73,7 @@ class Config:
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
     optim: OptimConfig = OptimConfig()
+    prune: PruneConfig = PruneConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     log: LogConfig = LogConfig()

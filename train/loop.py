@@ -60,11 +60,15 @@ def evaluate(setup: Setup, params, eval_step, max_batches: int = 0) -> float:
 
 def window_metrics(fetched: list[dict]) -> dict[str, float]:
     """The step's other metrics (MoE statistics, ...) averaged over the logging window; vectors become one
-    flat key per entry (moe_expert_frac_0, moe_expert_frac_1, ...)."""
+    flat key per entry (moe_expert_frac_0, moe_expert_frac_1, ...). Sparsity is a state, not a rate: the
+    window's last value."""
     out = {}
     for key in fetched[0]:
         if key in ("loss", "grad_norm", "lr", "tokens", "skipped_steps", "nonfinite_in_a_row", "flags"):
             continue  # logged above, counted by Health, or read by the loop
+        if key.startswith("sparsity"):
+            out[key] = float(fetched[-1][key])
+            continue
         mean = np.mean([np.asarray(x[key], np.float64) for x in fetched], axis=0)
         if mean.ndim == 0:
             out[key] = float(mean)
@@ -269,6 +273,7 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
         "name": cfg.name, "steps": tc.steps, "last_step": done, "steps_this_run": done - start, "preempted": stop,
         "params": n_params, **rate.summary(done - start), "compile_s": round(compiled.seconds, 2),
         "final_loss": last.get("loss"), "final_val_loss": val_loss,
+        **({"final_sparsity": last["sparsity"]} if "sparsity" in last else {}),
         **{f"final_{k}": v for k, v in task_scores.items()}, "skipped_steps": last.get("skipped_steps", 0),
         "devices": jax.device_count(), "processes": jax.process_count(), "platform": jax.devices()[0].platform,
     }

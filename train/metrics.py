@@ -102,8 +102,8 @@ class Progress:
     def update(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        info = " | ".join(_fmt(k, metrics[k]) for k in ("loss", "val_loss", "tokens_per_s", "step_ms", "mfu")
-                          if k in metrics)
+        info = " | ".join(_fmt(k, metrics[k]) for k in ("loss", "val_loss", "sparsity", "tokens_per_s", "step_ms",
+                                                        "mfu") if k in metrics)
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
         elif self.mode == "lines":
@@ -129,6 +129,6 @@ def _fmt(k: str, v) -> str:
         return f"{v / 1000:.1f}k tok/s"
     if k == "step_ms":
         return f"{v:.1f} ms/step"
-    if k == "mfu":
-        return f"mfu {100 * v:.1f}%"
+    if k in ("mfu", "sparsity"):
+        return f"{k} {100 * v:.1f}%"
     return f"{k} {v:.4f}"

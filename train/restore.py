@@ -11,14 +11,12 @@ from jax.sharding import Mesh
 
 from data.tokenize import load_tokenizer
 from models.lora import merge
-from optim.chains import build_optimizer
-from optim.trainable import select
 from parallel.errors import UserError
 from parallel.mesh import make_mesh
 from parallel.rules import activate
 from train.checkpoint import Checkpointer, has_checkpoints
 from train.config import Config
-from train.setup import build, resolve_model
+from train.setup import build, optimizer, resolve_model
 from train.state import ModelDef, abstract_state, model_def, state_shardings
 
 
@@ -31,7 +29,7 @@ def restore_params(saved: Config, workdir: Path, mdef, param_shardings: dict) ->
     if src.cfg.scan_layers != mdef.cfg.scan_layers:
         raise UserError(f"train.init_from: {workdir} was trained with model.scan_layers "
                         f"{str(src.cfg.scan_layers).lower()}; use the same setting (or export it to HF first)")
-    tx, _ = build_optimizer(saved.optim, saved.train.steps, select(src.logical_axes(), src.trainable))
+    tx, _ = optimizer(saved, src)
     mesh = jax.tree.leaves(param_shardings)[0].mesh
     state, _ = _restore(workdir, None, mesh, tx, src, state_shardings(tx, src, mesh))
     params = state["params"]
@@ -83,7 +81,7 @@ def load_for_inference(cfg: Config, workdir: Path, step: int | None = None) -> L
     cfg = resolve_model(cfg, tokenizer.vocab_size)
     mesh = make_mesh(cfg.mesh)
     mdef = model_def(cfg.model, cfg.train.trainable)
-    tx, _ = build_optimizer(cfg.optim, cfg.train.steps, select(mdef.logical_axes(), mdef.trainable))
+    tx, _ = optimizer(cfg, mdef)
     shardings = state_shardings(tx, mdef, mesh)
     state, step = _restore(workdir, step, mesh, tx, mdef, shardings)
     return Loaded(cfg, mesh, mdef, shardings["params"], state["params"], step, tokenizer)

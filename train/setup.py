@@ -25,6 +25,7 @@ from data.pipeline import Pipeline, build_pipeline
 from models.attention import why_not_cudnn
 from models.transformer import compute_dtype
 from optim.chains import build_optimizer
+from optim.prune import PruneError
 from optim.trainable import select
 from parallel.errors import UserError
 from parallel.hosts import StepFlags
@@ -165,9 +166,20 @@ def build(cfg: Config, workdir: Path | None = None) -> Setup:
     data = build_pipeline(cfg.data, batch_size=tc.batch_size, seq_len=tc.seq_len, seed=tc.seed, workdir=workdir)
     cfg = resolve_model(cfg, data.tokenizer.vocab_size)
     mdef = model_def(cfg.model, cfg.train.trainable)
-    tx, schedule = build_optimizer(cfg.optim, cfg.train.steps, select(mdef.logical_axes(), mdef.trainable))
+    tx, schedule = optimizer(cfg, mdef)
     shardings = state_shardings(tx, mdef, mesh)
     return Setup(cfg, mesh, data, mdef, tx, schedule, shardings, batch_sharding(mesh), StepFlags(mesh))
+
+
+def optimizer(cfg: Config, mdef: ModelDef) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer chain of a run (optim and prune sections) and its learning-rate schedule."""
+    try:
+        tx, schedule = build_optimizer(cfg.optim, cfg.train.steps, select(mdef.logical_axes(), mdef.trainable),
+                                       cfg.prune)
+        jax.eval_shape(tx.init, select(mdef.param_shapes(), mdef.trainable))  # pruning checks its shapes here
+    except PruneError as e:
+        raise UserError(str(e)) from None
+    return tx, schedule
 
 
 def check_resumable(cfg: Config, workdir: Path) -> None:
@@ -184,7 +196,7 @@ def check_resumable(cfg: Config, workdir: Path) -> None:
         shape_keys.append("max_seq_len")  # the position table's length
     diff = [f"model.{k}: {saved.get(k)} -> {now[k]}" for k in shape_keys if k in saved and saved[k] != now[k]]
     # The optimizer's state has another structure, and the saved tokenizer would silently win over a new one.
-    for section, key in (("optim", "name"), ("data", "tokenizer"), ("train", "trainable")):
+    for section, key in (("optim", "name"), ("prune", "method"), ("data", "tokenizer"), ("train", "trainable")):
         old, new = saved_cfg.get(section, {}).get(key), getattr(getattr(cfg, section), key)
         if old is not None and old != new:
             diff.append(f"{section}.{key}: {old} -> {new}")

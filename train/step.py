@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding
 
 from models.loss import cross_entropy_sums
 from optim.chains import accumulate_gradients, nonfinite_counts, schedule_count
+from optim.prune import prune_metrics
 from optim.trainable import combine, select
 from train.state import ModelDef, State
 
@@ -70,7 +71,7 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, schedule: 
         lr = schedule(schedule_count(state["opt_state"]))
         metrics = {"loss": sums.pop("ce") / denom, "grad_norm": optax.tree.norm(grads), "lr": lr,
                    "tokens": weight_sum, "skipped_steps": skipped, "nonfinite_in_a_row": in_a_row,
-                   **{k: v / denom for k, v in sums.items()}}
+                   **{k: v / denom for k, v in sums.items()}, **prune_metrics(opt_state)}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     if flags_sharding is None:
