@@ -1,10 +1,14 @@
 """The `meshforge` command.
 
     meshforge train  EXPERIMENT [--workdir DIR] [--section.key VALUE ...]
-    meshforge eval   [EXPERIMENT] [--workdir DIR] [--step N] [--section.key VALUE ...]
+    meshforge eval   [EXPERIMENT] [--workdir DIR] [--step N] [--quantize int8] [--section.key VALUE ...]
     meshforge sample [EXPERIMENT] [--workdir DIR | --from DIR] [--step N] [--prompt TEXT] [--max-new-tokens N]
                      [--temperature T] [--top-k K] [--top-p P] [--num-samples N] [--seed S]
     meshforge export RUN --format hf|peft --out DIR [--step N]
+    meshforge export RUN --format stablehlo|iree --out DIR [--step N] [--quantize int8] [--batch-sizes 1,8]
+                     [--target llvm-cpu] [--prompt-len P] [--max-len S]
+    meshforge run-exported DIR [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+                     [--num-samples N] [--seed S]
     meshforge bench  EXPERIMENT [--section.key VALUE ...] [--steps N] [--warmup N] [--json FILE] [--compare torch|train]
     meshforge bench  EXPERIMENT --data-only [--json FILE] [--seconds S] [--section.key VALUE ...]
     meshforge tokenizer train EXPERIMENT [--section.key VALUE ...]
@@ -25,7 +29,7 @@ from parallel.errors import UserError
 from train.health import TrainingHalted
 from train.workdir import StorageError
 
-VERBS = ("train", "eval", "sample", "bench", "tokenizer", "export")
+VERBS = ("train", "eval", "sample", "bench", "tokenizer", "export", "run-exported")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,10 +43,23 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         p.add_argument("action", choices=["train"], help="train: build the data section's tokenizer into the cache")
     if verb == "export":
         p.add_argument("run", help="the run's workdir, e.g. runs/finetune_lora")
-        p.add_argument("--format", choices=["hf", "peft"], default="hf", help="hf: a transformers model folder "
-                       "(LoRA merged); peft: the LoRA adapters as a PEFT adapter folder")
+        p.add_argument("--format", choices=["hf", "peft", "stablehlo", "iree"], default="hf", help="hf: a "
+                       "transformers model folder (LoRA merged); peft: the LoRA adapters as a PEFT adapter folder; "
+                       "stablehlo: prefill/decode/sample functions for any process with jax; iree: the same "
+                       "compiled by IREE, run with iree-base-runtime alone")
         p.add_argument("--out", required=True, help="folder to write (must be empty or new)")
         p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+        p.add_argument("--quantize", choices=["int8"], help="stablehlo/iree: int8 weights with per-channel scales")
+        p.add_argument("--batch-sizes", default="1", help="iree: the batch sizes to compile a module for, e.g. 1,8")
+        p.add_argument("--target", default="llvm-cpu", help="iree: the backend (llvm-cpu: this host's CPU; "
+                       "vulkan-spirv, metal-spirv, cuda)")
+        p.add_argument("--prompt-len", type=int, default=64, help="stablehlo/iree: the longest prompt, in tokens")
+        p.add_argument("--max-len", type=int, default=0, help="stablehlo/iree: cache slots, prompt-len plus the "
+                       "tokens to generate (default prompt-len + 256)")
+        return p
+    if verb == "run-exported":
+        p.add_argument("path", help="the --out folder of `meshforge export --format stablehlo|iree`")
+        _sampling_args(p)
         return p
     needs_experiment = verb in ("train", "bench", "tokenizer")
     p.add_argument("experiment", nargs=None if needs_experiment else "?", help="experiment file, e.g. "
@@ -66,18 +83,25 @@ def _parser(verb: str) -> argparse.ArgumentParser:
                        "step's")
     elif verb in ("eval", "sample"):
         p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    if verb == "eval":
+        p.add_argument("--quantize", choices=["int8"], help="evaluate the run's weights quantized after training "
+                       "(int8, per-channel scales, qwix)")
     if verb == "sample":
-        p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-        p.add_argument("--max-new-tokens", type=int, default=200)
-        p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-        p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-        p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens "
-                       "whose probability reaches p (1: all)")
+        _sampling_args(p)
         p.add_argument("--from", dest="source", help="a HuggingFace model folder or a run's workdir to sample "
                        "from (instead of EXPERIMENT / --workdir)")
-        p.add_argument("--num-samples", type=int, default=1)
-        p.add_argument("--seed", type=int, default=0)
     return p
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens "
+                   "whose probability reaches p (1: all)")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -126,10 +150,14 @@ def _config(verb: str, args, overrides):
 def run(verb: str, argv: list[str]) -> int:
     rest, overrides = split_overrides(argv)
     args = _parser(verb).parse_args(rest)
+    if verb == "run-exported":  # before anything imports jax: an IREE artifact runs without it
+        from interop.edge_runner import run_exported
+
+        return run_exported(Path(args.path), args)
     if verb == "export":
         from interop.export_run import export_run
 
-        print(json.dumps(export_run(Path(args.run), args.format, Path(args.out), args.step)))
+        print(json.dumps(export_run(Path(args.run), args.format, Path(args.out), args.step, args)))
         return 0
     if verb == "sample" and args.source and is_hf(args.source):
         return sample_hf(args, overrides)
@@ -177,6 +205,10 @@ def run(verb: str, argv: list[str]) -> int:
     from train.restore import restore_for_inference
 
     setup, params, step = restore_for_inference(cfg, workdir, args.step)
+    if args.quantize:
+        from models.quant import quantized_params
+
+        params = quantized_params(params, setup.mdef.logical_axes(), setup.shardings["params"], args.quantize)
     from parallel.rules import activate
     from train.step import make_eval_step
 
@@ -190,7 +222,8 @@ def run(verb: str, argv: list[str]) -> int:
     from train.metrics import json_value
 
     loss = json_value(round(val_loss, 6))
-    print(json.dumps({"step": step, "val_loss": loss, **tasks, "workdir": str(workdir)}))
+    quant = {"quantize": args.quantize} if args.quantize else {}
+    print(json.dumps({"step": step, "val_loss": loss, **tasks, **quant, "workdir": str(workdir)}))
     return 0
 
 

@@ -200,6 +200,15 @@ class BPETokenizer(_SpecialIds):
         return out
 
 
+def eos_id(tok: Tokenizer) -> int | None:
+    """The end-of-sequence id, or None for a char/byte tokenizer of the windows pipeline (which has none:
+    generation then runs its whole budget)."""
+    try:
+        return tok.special_id("<eos>")
+    except UserError:
+        return None
+
+
 def fingerprint(tok: Tokenizer) -> str:
     return digest(tok.to_json())
 

@@ -1,4 +1,5 @@
-"""`meshforge export RUN`: a run's checkpoint as a HuggingFace model folder (LoRA merged) or a PEFT adapter."""
+"""`meshforge export RUN`: a run's checkpoint as a HuggingFace model folder (LoRA merged), a PEFT adapter, or
+functions for edge runtimes (StableHLO, IREE: interop/edge_export.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,19 @@ def _check_out(out: Path) -> None:
                         "overwritten)")
 
 
-def export_run(run: Path, fmt: str, out: Path, step: int | None = None) -> dict:
+def edge_options(args):
+    """The stablehlo/iree options of the export command line, checked before any checkpoint is read."""
+    from interop.edge_export import EdgeOptions
+
+    try:
+        sizes = tuple(int(s) for s in str(args.batch_sizes).split(",") if s.strip())
+    except ValueError:
+        raise UserError(f"--batch-sizes {args.batch_sizes!r}: give comma-separated integers, e.g. 1,8") from None
+    return EdgeOptions(batch_sizes=sizes, target=args.target, quantize=args.quantize or "",
+                       prompt_len=args.prompt_len, max_len=args.max_len)
+
+
+def export_run(run: Path, fmt: str, out: Path, step: int | None = None, args=None) -> dict:
     from interop.hf_export import export_hf, to_host
     from interop.pretrained import is_hf_folder
     from models.lora import merge
@@ -24,6 +37,11 @@ def export_run(run: Path, fmt: str, out: Path, step: int | None = None) -> dict:
     if not (run / "config.json").is_file():
         raise UserError(f"export: {run} is not a meshforge run (no config.json); give the run's workdir")
     _check_out(out)
+    edge = edge_options(args) if fmt in ("stablehlo", "iree") else None
+    if fmt == "iree":
+        from interop.edge_export import iree_compiler
+
+        iree_compiler()  # installed? say so now, not after reading the checkpoint
     cfg = from_dict(json.loads((run / "config.json").read_text()))
     configure_cpu_devices(1)  # on a CPU host one device reads the checkpoint; elsewhere all local devices do
     # whatever mesh the run was trained on: the parameters split (FSDP) over this host's devices
@@ -46,11 +64,28 @@ def export_run(run: Path, fmt: str, out: Path, step: int | None = None) -> dict:
     if m.lora_rank:
         params = merge(params, m.lora_alpha / m.lora_rank)
     plain = dataclasses.replace(m, lora_rank=0)
+    if edge is not None:
+        from interop.edge_export import export_edge
+        from train.state import model_def
+
+        loaded = dataclasses.replace(loaded, cfg=dataclasses.replace(loaded.cfg, model=plain), mdef=model_def(plain))
+        try:
+            return export_edge(run, loaded, params, out, fmt, edge)
+        except BaseException:
+            _remove_partial(out)
+            raise
     hf_config = json.loads((hf_dir / "config.json").read_text()) if hf_dir else None
     tokenizer = None if hf_dir else json.loads((run / "tokenizer.json").read_text())
     export_hf(params, plain, out, hf_config=hf_config, tokenizer_dir=hf_dir, tokenizer=tokenizer,
               vocab_size=loaded.tokenizer.vocab_size if not hf_dir else None)
     return {"step": step, "format": fmt, "out": str(out)}
+
+
+def _remove_partial(out: Path) -> None:
+    """A failed export leaves no half-written artifact (the folder was new or empty: _check_out)."""
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def _host(tree, to_host):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from data.tokenize import load_tokenizer
+from data.tokenize import eos_id, load_tokenizer
 from parallel.errors import UserError
 from train.generate import Generator, Sampling
 
@@ -18,19 +18,12 @@ def _sampling(args) -> Sampling:
         raise UserError(f"--temperature/--top-k/--top-p: {e}") from None
 
 
-def _eos(tokenizer) -> int | None:
-    try:
-        return tokenizer.special_id("<eos>")
-    except UserError:
-        return None  # a char/byte tokenizer of the windows pipeline has none: generate the whole budget
-
-
 def generate_text(mdef, mesh, param_shardings, params, tokenizer, args, label: str) -> int:
     sampling = _sampling(args)
     prompt = tokenizer.encode(args.prompt)
     if len(prompt) == 0:
         raise UserError("--prompt: give at least one character")
-    eos = _eos(tokenizer)
+    eos = eos_id(tokenizer)
     gen = Generator(mdef, mesh, param_shardings, vocab_limit=tokenizer.vocab_size, eos_id=eos)
     try:
         outs = gen.generate(params, [prompt] * args.num_samples, args.max_new_tokens, sampling, seed=args.seed)

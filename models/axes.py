@@ -16,6 +16,23 @@ from jax.sharding import PartitionSpec
 
 Axes = tuple[str | None, ...]
 
+# The attention and MLP projection weights by path (blocks/0/attn/wq_DNH, blocks/1/mlp/wo_EFD, ...): what pruning
+# and quantization act on by default. Not the embedding (also the tied output head), norms, LoRA adapters or routers.
+PROJECTIONS = r"/(wq|wkv|wo|wi)_[A-Z0-9]+$"
+# Leading axes that stack independent matrices in one leaf: a scanned model's layers, an MoE block's experts.
+STACKED = ("layers", "expert")
+
+
+def contracted_axes(axes: Axes) -> tuple[int, ...]:
+    """The axes a projection weight with these logical names contracts: its first after any stacked ones when
+    that is the model width ('embed', D -> ...), else all but the last (... -> D, an output projection)."""
+    stacked = 0
+    while stacked < len(axes) and axes[stacked] in STACKED:
+        stacked += 1
+    if axes[stacked:stacked + 1] == ("embed",) or len(axes) - stacked < 2:
+        return (stacked,)
+    return tuple(range(stacked, len(axes) - 1))
+
 
 def _active() -> bool:
     return bool(spmd.get_logical_axis_rules()) and not jax.sharding.get_abstract_mesh().empty

@@ -24,9 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# Leading axes that stack independent matrices in one leaf (a scanned model's layers, an MoE block's experts):
-# each slice is pruned as its own matrix (its sparsity is reported for the leaf as a whole).
-STACKED = ("layers", "expert")
+from models.axes import PROJECTIONS, STACKED, contracted_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +37,7 @@ class PruneConfig:
     start_step: int = 0  # masks change from this step (nm: are set at this step) ...
     end_step: int = 0  # ... to this one (0: three quarters into train.steps), then stay fixed
     update_every: int = 100  # steps between mask updates (Zhu & Gupta's delta t)
-    targets: str = r"/(wq|wkv|wo|wi)_[A-Z0-9]+$"  # regex (re.search) over parameter paths
+    targets: str = PROJECTIONS  # regex (re.search) over parameter paths
 
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
@@ -75,7 +73,7 @@ class PruneState(NamedTuple):
 class _Leaf:
     name: str
     target: bool
-    stacked: int  # leading STACKED axes
+    stacked: int  # leading STACKED axes: each slice is pruned as its own matrix
     group_axis: int  # nm: the input axis the groups of m run along
 
 
@@ -88,10 +86,8 @@ def _leaves(logical_axes: Any, cfg: PruneConfig) -> list[_Leaf]:
         stacked = 0
         while stacked < len(axes) and axes[stacked] in STACKED:
             stacked += 1
-        rest = axes[stacked:]
-        # A projection from the model width contracts its first axis; one into it contracts all but the last.
-        group_axis = stacked if rest[:1] == ("embed",) or len(rest) < 2 else len(axes) - 2
-        out.append(_Leaf(name, bool(regex.search(name)) and len(rest) >= 2, stacked, group_axis))
+        target = bool(regex.search(name)) and len(axes) - stacked >= 2
+        out.append(_Leaf(name, target, stacked, contracted_axes(axes)[-1]))
     return out
 
 

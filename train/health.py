@@ -8,7 +8,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from train.config import TrainConfig
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the CLI imports this module for its error type: keep it free of jax (run-exported needs none)
+    from train.config import TrainConfig
 
 
 SPIKE_MIN_NATS = 0.1

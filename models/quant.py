@@ -1,0 +1,91 @@
+"""Post-training weight quantization with qwix: int8 weights with one scale per output channel.
+
+A projection weight is quantized with `qwix.quantize` (absmax calibration) over the axes it contracts, keeping a
+scale for every output channel and every stacked layer or expert; `qwix.dequantize` gives the float weight an int8
+model computes with (weight-only quantization dequantizes before the matmul). Which weights: the parameters whose
+path a regex finds (default: the attention and MLP projections, as pruning).
+
+Weights travel as flat dicts keyed by path ('blocks/0/attn/wq_DNH'); a quantized weight is a qwix.QArray there,
+and two arrays ('<path>.q' int8 and '<path>.scale') once stored (`to_arrays` / `from_arrays`).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import numpy as np
+
+from models.axes import PROJECTIONS, Axes, contracted_axes
+
+QTYPES = ("int8",)
+
+
+def _qwix():
+    try:
+        import qwix
+    except ImportError:
+        raise ImportError("int8 quantization needs qwix: pip install -e '.[edge]'") from None
+    return qwix
+
+
+def quantize_weights(weights: dict[str, Any], axes: dict[str, Axes], qtype: str = "int8",
+                     pattern: str = PROJECTIONS) -> dict[str, Any]:
+    """`weights` with every matrix whose path `pattern` finds as a qwix.QArray (per-output-channel scales).
+    Raises ValueError when the pattern finds none."""
+    qwix = _qwix()
+    regex = re.compile(pattern)
+    out, found = {}, 0
+    for name, w in weights.items():
+        if regex.search(name) and np.ndim(w) >= 2:
+            contracted = contracted_axes(axes[name])
+            keep = tuple(i for i in range(np.ndim(w)) if i not in contracted)
+            out[name] = qwix.quantize(jax.numpy.asarray(w), qtype, channelwise_axes=keep)
+            found += 1
+        else:
+            out[name] = w
+    if not found:
+        raise ValueError(f"quantization rule {pattern!r} matches no weight matrix")
+    return out
+
+
+def dequantize_weights(weights: dict[str, Any]) -> dict[str, jax.Array]:
+    """Float weights from a dict holding qwix.QArrays (traceable: exported functions dequantize inside)."""
+    qwix = _qwix()
+    return {k: qwix.dequantize(v) if isinstance(v, qwix.QArray) else v for k, v in weights.items()}
+
+
+def to_arrays(weights: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Plain arrays to store: a QArray becomes '<path>.q' and '<path>.scale'."""
+    qwix = _qwix()
+    out = {}
+    for k, v in weights.items():
+        if isinstance(v, qwix.QArray):
+            out[k + ".q"], out[k + ".scale"] = np.asarray(v.qvalue), np.asarray(v.scale)
+        else:
+            out[k] = np.asarray(v)
+    return out
+
+
+def from_arrays(arrays: dict[str, Any], qtype: str = "int8") -> dict[str, Any]:
+    """The inverse of to_arrays (on numpy arrays or tracers)."""
+    out = {}
+    for k, v in arrays.items():
+        if k.endswith(".scale"):
+            continue
+        if k.endswith(".q"):
+            out[k[:-2]] = _qwix().QArray(v, arrays[k[:-2] + ".scale"], None, qtype)
+        else:
+            out[k] = v
+    return out
+
+
+def quantized_params(params: dict, logical_axes: dict, shardings: Any, qtype: str = "int8",
+                     pattern: str = PROJECTIONS) -> dict:
+    """A nested param tree as a weight-only quantized model computes with it (quantize, then dequantize), placed
+    with `shardings`: what `meshforge eval --quantize` evaluates."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path) for path, _ in flat]
+    axes = dict(zip(names, jax.tree.leaves(logical_axes, is_leaf=lambda x: isinstance(x, tuple))))
+    weights = dequantize_weights(quantize_weights(dict(zip(names, (v for _, v in flat))), axes, qtype, pattern))
+    return jax.device_put(jax.tree_util.tree_unflatten(treedef, [weights[n] for n in names]), shardings)

@@ -1,0 +1,237 @@
+"""Export for edge runtimes (interop/edge_export.py, interop/edge_runner.py) and int8 weight quantization.
+
+The artifacts are checked where they will run: a StableHLO artifact in a fresh process that can import jax and
+numpy but not flax or meshforge, an IREE module in one that cannot import jax at all."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import REPO, mesh_for, meshforge
+
+pytest.importorskip("qwix")
+pytest.importorskip("iree.compiler")
+
+TINY = ["--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2", "--train.seq_len", "16",
+        "--train.batch_size", "4", "--train.steps", "30", "--train.eval_every", "0", "--train.eval_batches", "2",
+        "--train.checkpoint_every", "0", "--log.progress", "none"]
+SAMPLE = ["--prompt", "ROMEO:", "--max-new-tokens", "64"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("edge") / "run"
+    r = meshforge("train", "experiments/shakespeare_char.py", "--workdir", workdir, *TINY)
+    assert r.returncode == 0, r.stderr
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def artifacts(run, tmp_path_factory):
+    root = tmp_path_factory.mktemp("artifacts")
+    made = {}
+    for name, args in (("stablehlo", ["--format", "stablehlo"]),
+                       ("int8", ["--format", "stablehlo", "--quantize", "int8"]),
+                       ("iree", ["--format", "iree", "--batch-sizes", "1,2"])):
+        r = meshforge("export", run, *args, "--out", root / name, "--prompt-len", "16", "--max-len", "96")
+        assert r.returncode == 0, r.stderr
+        made[name] = root / name
+    return made
+
+
+def reference(run, prompts: list[list[int]], quantize: bool = False):
+    """meshforge's own logits of the last prompt token (left-padded to 16) and 64 greedy tokens of each prompt,
+    on one device."""
+    from models.transformer import init_cache
+    from optim.trainable import path_name
+    from train.config import from_dict
+    from train.generate import Generator, Sampling
+    from train.state import model_def, param_shardings
+
+    cfg = from_dict(json.loads((run / "config.json").read_text()))
+    mdef, mesh = model_def(cfg.model), mesh_for()
+    shardings = param_shardings(mdef, mesh)
+    saved = {path_name(k): v for k, v in jax.tree_util.tree_flatten_with_path(checkpoint_params(run))[0]}
+    flat, treedef = jax.tree_util.tree_flatten_with_path(mdef.param_shapes())  # int layer keys, not Orbax's str
+    params = jax.device_put(jax.tree_util.tree_unflatten(treedef, [saved[path_name(k)] for k, _ in flat]), shardings)
+    if quantize:
+        from models.quant import quantized_params
+
+        params = quantized_params(params, mdef.logical_axes(), shardings)
+    tokens = np.zeros((len(prompts), 16), np.int32)
+    starts = np.array([16 - len(p) for p in prompts], np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, starts[i]:] = p
+    positions = np.maximum(np.arange(16)[None] - starts[:, None], 0)
+    logits, _ = mdef.apply(params, jnp.asarray(tokens), positions_BT=jnp.asarray(positions),
+                           cache=init_cache(mdef.cfg, len(prompts), 96, jnp.float32), cache_starts_B=jnp.asarray(starts))
+    gen = Generator(mdef, mesh, shardings, vocab_limit=65, eos_id=None)
+    greedy = gen.generate(params, [np.array(p) for p in prompts], 64, Sampling())
+    return np.asarray(logits[:, -1]), [list(map(int, g)) for g in greedy]
+
+
+def checkpoint_params(run):
+    import orbax.checkpoint as ocp
+
+    step = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    path = run / "checkpoints" / str(step) / "state"
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as ckpt:
+        meta = ckpt.metadata(path)
+        meta = getattr(meta, "item_metadata", meta)
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
+        return ckpt.restore(path, target)["params"]
+
+
+# jax and numpy only: the functions straight from jax.export, no meshforge code on sys.path, flax unimportable
+JAX_ONLY = textwrap.dedent("""
+    import json, sys
+    for name in ("flax", "models", "train", "interop", "optim", "data", "parallel"):
+        sys.modules[name] = None
+    import numpy as np
+    from jax import export
+    path, prompts = sys.argv[1], json.loads(sys.argv[2])
+    manifest = json.load(open(path + "/manifest.json"))
+    fn = {k: export.deserialize(bytearray(open(path + "/" + f, "rb").read())) for k, f in manifest["modules"].items()}
+    weights = dict(np.load(path + "/weights.npz"))
+    P = manifest["prompt_len"]
+    tokens = np.zeros((len(prompts), P), np.int32); starts = np.zeros(len(prompts), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p):], starts[i] = p, P - len(p)
+    logits, cache = fn["prefill"].call(weights, tokens, starts)
+    first, key, out = np.asarray(logits), np.array([0, 0], np.uint32), []
+    for _ in range(64):
+        token, key = fn["pick"].call(logits, key, np.float32(0), np.int32(0), np.float32(1))
+        out.append(np.asarray(token))
+        logits, cache = fn["decode"].call(weights, token, cache, starts)
+    print(json.dumps({"logits": first.tolist(), "greedy": np.stack(out, 1).tolist(), "jax": True}))
+""")
+# the IREE runtime, numpy and meshforge's runner: importing jax fails in this process
+NO_JAX = textwrap.dedent("""
+    import json, pathlib, sys
+    sys.modules["jax"] = None
+    sys.path.insert(0, {repo!r})
+    import numpy as np
+    from interop.edge_runner import generate, load_artifact
+    path, prompts = pathlib.Path(sys.argv[1]), json.loads(sys.argv[2])
+    manifest, backend = load_artifact(path, len(prompts))
+    P = manifest["prompt_len"]
+    tokens = np.zeros((backend.rows, P), np.int32); starts = np.zeros(backend.rows, np.int32)
+    for i in range(backend.rows):
+        p = prompts[min(i, len(prompts) - 1)]
+        tokens[i, P - len(p):], starts[i] = p, P - len(p)
+    logits, _ = backend.prefill(tokens, starts)
+    out = generate(manifest, backend, [np.array(p) for p in prompts], 64, 0.0, 0, 1.0, 0)
+    print(json.dumps({{"logits": backend.host(logits)[:len(prompts)].tolist(),
+                       "greedy": [list(map(int, o)) for o in out], "jax": sys.modules["jax"] is not None}}))
+""")
+
+
+def run_artifact(path, prompts, without_jax: bool) -> dict:
+    code = NO_JAX.format(repo=str(REPO)) if without_jax else JAX_ONLY
+    r = subprocess.run([sys.executable, "-c", code, str(path), json.dumps(prompts)], capture_output=True, text=True,
+                       cwd=path, timeout=300, env={"PATH": "/usr/bin:/bin", "XLA_FLAGS": ""})
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_stablehlo_artifact_runs_with_jax_alone_at_any_batch(run, artifacts):
+    one = [[30, 40, 50, 20, 12]]
+    seven = [[5 + i, 40, 50 - i, 20] + [7] * i for i in range(7)]
+    for prompts in (one, seven):
+        want_logits, want_greedy = reference(run, prompts)
+        got = run_artifact(artifacts["stablehlo"], prompts, without_jax=False)
+        np.testing.assert_allclose(np.array(got["logits"]), want_logits, atol=1e-5, rtol=0)
+        assert got["greedy"] == want_greedy
+
+
+def test_iree_module_runs_without_jax_at_each_batch_size(run, artifacts):
+    for prompts in ([[30, 40, 50, 20, 12]], [[30, 40, 50], [8, 9, 10, 11, 12, 13]]):
+        want_logits, want_greedy = reference(run, prompts)
+        got = run_artifact(artifacts["iree"], prompts, without_jax=True)
+        assert not got["jax"]
+        np.testing.assert_allclose(np.array(got["logits"]), want_logits, atol=1e-4, rtol=0)
+        assert got["greedy"] == want_greedy
+    manifest = json.loads((artifacts["iree"] / "manifest.json").read_text())
+    assert manifest["batch_sizes"] == [1, 2] and set(manifest["modules"]) == {
+        f"{f}_b{b}" for f in ("prefill", "decode", "pick") for b in (1, 2)}
+
+
+def test_int8_artifact_holds_int8_weights_and_computes_as_the_quantized_model(run, artifacts):
+    weights = np.load(artifacts["int8"] / "weights.npz")
+    floats = np.load(artifacts["stablehlo"] / "weights.npz")
+    quantized = [k[:-2] for k in weights.files if k.endswith(".q")]
+    assert len(quantized) == 2 * 5  # wq, wkv, wo, wi, wo of each of the 2 blocks
+    for k in quantized:
+        assert weights[k + ".q"].dtype == np.int8 and weights[k + ".q"].shape == floats[k].shape
+    q_bytes = sum(weights[k + ".q"].nbytes + weights[k + ".scale"].nbytes for k in quantized)
+    f_bytes = sum(floats[k].nbytes for k in quantized)
+    assert 3.5 < f_bytes / q_bytes <= 4, f_bytes / q_bytes
+    prompts = [[30, 40, 50, 20, 12]]
+    want_logits, want_greedy = reference(run, prompts, quantize=True)
+    got = run_artifact(artifacts["int8"], prompts, without_jax=False)
+    np.testing.assert_allclose(np.array(got["logits"]), want_logits, atol=1e-5, rtol=0)
+    assert got["greedy"] == want_greedy
+
+
+@pytest.mark.parametrize("sampling", [["--temperature", "0"], ["--temperature", "0.9", "--top-k", "7", "--seed", "4",
+                                                                 "--num-samples", "2"],
+                                      ["--temperature", "1.1", "--top-p", "0.8", "--seed", "9"]])
+def test_run_exported_prints_what_sample_prints(run, artifacts, sampling, tmp_path):
+    want = meshforge("sample", "--workdir", run, *SAMPLE, *sampling)
+    assert want.returncode == 0, want.stderr
+    no_jax = tmp_path / "nojax" / "jax"
+    no_jax.mkdir(parents=True)
+    (no_jax / "__init__.py").write_text("raise ImportError('no jax on this device')\n")
+    for name, env in (("stablehlo", None), ("iree", {"PYTHONPATH": f"{no_jax.parent}:{REPO}"})):
+        got = meshforge("run-exported", artifacts[name], *SAMPLE, *sampling, env=env)
+        assert got.returncode == 0, got.stderr
+        assert got.stdout == want.stdout, name
+
+
+def test_pick_traced_matches_the_samplers_rule():
+    from interop.edge_export import pick_traced
+    from train.generate import Sampling, pick
+
+    logits = jax.random.normal(jax.random.key(0), (3, 40)) * 3
+    key = jax.random.key(11)
+    for s in (Sampling(), Sampling(0.7), Sampling(1.0, top_k=4), Sampling(1.3, top_p=0.6),
+              Sampling(0.5, top_k=50, top_p=0.9)):
+        _, sub = jax.random.split(key)
+        want = pick(logits, sub, s, vocab_limit=33)
+        got, next_key = pick_traced(logits, jax.random.key_data(key), jnp.float32(s.temperature),
+                                    jnp.int32(s.top_k), jnp.float32(s.top_p), 33)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(next_key, jax.random.key_data(jax.random.split(key)[0]))
+
+
+def test_eval_of_the_int8_quantized_run(run):
+    plain = meshforge("eval", "--workdir", run)
+    quant = meshforge("eval", "--workdir", run, "--quantize", "int8")
+    assert plain.returncode == 0 and quant.returncode == 0, plain.stderr + quant.stderr
+    a, b = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (plain, quant))
+    assert b["quantize"] == "int8" and a["val_loss"] != b["val_loss"]  # the weights did change
+    assert abs(b["val_loss"] - a["val_loss"]) < 0.01 * a["val_loss"]
+
+
+def test_bad_export_input_is_one_line_and_writes_nothing(run, tmp_path):
+    (tmp_path / "empty_run").mkdir()
+    (tmp_path / "empty_run" / "config.json").write_text((run / "config.json").read_text())
+    cases = [
+        (["export", tmp_path / "empty_run", "--format", "stablehlo"], "no checkpoints"),
+        (["export", run, "--format", "onnx"], "--format"),
+        (["export", run, "--format", "iree", "--target", "tpu"], "--target"),
+        (["export", run, "--format", "iree", "--batch-sizes", "1,x"], "--batch-sizes"),
+        (["run-exported", tmp_path], "no exported model"),
+    ]
+    for args, needle in cases:
+        out = tmp_path / "out"
+        r = meshforge(*args, *(["--out", out] if args[0] == "export" else []))
+        assert r.returncode == 2, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, (args, r.stderr)
+        assert not out.exists()
