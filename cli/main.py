@@ -8,8 +8,9 @@
     meshforge export RUN --format stablehlo|iree --out DIR [--step N] [--quantize int8] [--batch-sizes 1,8]
                      [--target llvm-cpu] [--prompt-len P] [--max-len S]
     meshforge run-exported DIR [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
-                     [--num-samples N] [--seed S]
+                     [--num-samples N] [--seed S] [--driver local-sync|local-task|...]
     meshforge bench  EXPERIMENT [--section.key VALUE ...] [--steps N] [--warmup N] [--json FILE] [--compare torch|train]
+    meshforge bench  EXPERIMENT --compare edge [--workdir RUN] [--json FILE]
     meshforge bench  EXPERIMENT --data-only [--json FILE] [--seconds S] [--section.key VALUE ...]
     meshforge tokenizer train EXPERIMENT [--section.key VALUE ...]
 
@@ -60,6 +61,8 @@ def _parser(verb: str) -> argparse.ArgumentParser:
     if verb == "run-exported":
         p.add_argument("path", help="the --out folder of `meshforge export --format stablehlo|iree`")
         _sampling_args(p)
+        p.add_argument("--driver", default="", help="IREE artifacts: the runtime driver (default for llvm-cpu: "
+                       "local-sync, one thread; local-task uses all cores, faster for larger models)")
         return p
     needs_experiment = verb in ("train", "bench", "tokenizer")
     p.add_argument("experiment", nargs=None if needs_experiment else "?", help="experiment file, e.g. "
@@ -77,10 +80,11 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         p.add_argument("--seconds", type=float, default=3.0, help="--data-only: time each measurement this long")
         p.add_argument("--steps", type=int, default=20, help="timed train steps (default 20)")
         p.add_argument("--warmup", type=int, default=3, help="untimed train steps after compiling (default 3)")
-        p.add_argument("--compare", choices=["torch", "train"], help="torch: also time a plain PyTorch version of "
-                       "the same model and batch, side by side (needs the bench extra); train: a real train run of "
-                       "the experiment (temporary workdir) between two benches, the loop's step time against the "
-                       "step's")
+        p.add_argument("--compare", choices=["torch", "train", "edge"], help="torch: also time a plain PyTorch "
+                       "version of the same model and batch, side by side (needs the bench extra); train: a real "
+                       "train run of the experiment (temporary workdir) between two benches, the loop's step time "
+                       "against the step's; edge: the trained run (--workdir) exported as StableHLO and IREE, "
+                       "float32 and int8: size on disk and decode tokens/s against meshforge's sampler")
     elif verb in ("eval", "sample"):
         p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     if verb == "eval":
@@ -179,6 +183,11 @@ def run(verb: str, argv: list[str]) -> int:
 
     if verb == "tokenizer":
         return tokenizer_train(cfg)
+    if verb == "bench" and args.compare == "edge":  # one CPU device, as an edge runtime has
+        from interop.bench_edge import compare_edge
+
+        compare_edge(workdir, json_path=args.json)
+        return 0
     launch = resolve_launch(args.coordinator, args.num_processes, args.process_id) if verb == "train" else None
     rows = cfg.train.batch_size // max(1, cfg.optim.accum_steps)
     processes = launch.num_processes if launch else 1

@@ -21,23 +21,24 @@ from parallel.errors import UserError
 class _Jax:
     """The three functions of a StableHLO artifact, any batch."""
 
-    def __init__(self, path: Path, manifest: dict, rows: int):
+    def __init__(self, path: Path, manifest: dict, rows: int, driver: str = ""):
+        import jax
         from jax import export
 
-        self.fns = {name: export.deserialize(bytearray((path / file).read_bytes()))
+        # jit once: Exported.call alone traces again on every call
+        self.fns = {name: jax.jit(export.deserialize(bytearray((path / file).read_bytes())).call)
                     for name, file in manifest["modules"].items()}
-        self.weights = dict(np.load(path / "weights.npz"))
+        self.weights = jax.device_put(dict(np.load(path / "weights.npz")))  # on the device once, not per call
         self.rows = rows
 
     def prefill(self, tokens, starts):
-        return self.fns["prefill"].call(self.weights, tokens, starts)
+        return self.fns["prefill"](self.weights, tokens, starts)
 
     def decode(self, token, cache, starts):
-        return self.fns["decode"].call(self.weights, token, cache, starts)
+        return self.fns["decode"](self.weights, token, cache, starts)
 
     def pick(self, logits, key, temperature, top_k, top_p):
-        token, key = self.fns["pick"].call(logits, key, np.float32(temperature), np.int32(top_k),
-                                           np.float32(top_p))
+        token, key = self.fns["pick"](logits, key, np.float32(temperature), np.int32(top_k), np.float32(top_p))
         return np.asarray(token), key
 
     def host(self, x):
@@ -47,7 +48,7 @@ class _Jax:
 class _Iree:
     """The modules of an IREE artifact for the smallest compiled batch that holds the rows (weights uploaded once)."""
 
-    def __init__(self, path: Path, manifest: dict, rows: int):
+    def __init__(self, path: Path, manifest: dict, rows: int, driver: str = ""):
         try:
             import iree.runtime as rt
         except ImportError:
@@ -58,9 +59,14 @@ class _Iree:
             raise UserError(f"--num-samples {rows}: the artifact's largest batch is {max(manifest['batch_sizes'])}; "
                             "export it with a larger --batch-sizes")
         self.rows = fits[0]
-        driver = {"llvm-cpu": "local-task", "vulkan-spirv": "vulkan", "metal-spirv": "metal",
-                  "cuda": "cuda"}[manifest["target"]]
-        config = rt.Config(driver)
+        # llvm-cpu: local-sync runs each op on the calling thread; local-task spreads ops over the cores, which only
+        # pays for larger models (shakespeare_char decodes 3x faster with local-sync on a 2-core VM)
+        driver = driver or {"llvm-cpu": "local-sync", "vulkan-spirv": "vulkan", "metal-spirv": "metal",
+                            "cuda": "cuda"}[manifest["target"]]
+        try:
+            config = rt.Config(driver)
+        except (ValueError, RuntimeError) as e:
+            raise UserError(f"--driver {driver}: the IREE runtime cannot use it here ({e})") from None
         ctx = rt.SystemContext(config=config)
         self.fns = {}
         for name in ("prefill", "decode", "pick"):
@@ -88,8 +94,9 @@ class _Iree:
         return np.asarray(x.to_host())
 
 
-def load_artifact(path: Path, rows: int):
-    """(manifest, backend) of the artifact in `path` for `rows` sequences at a time."""
+def load_artifact(path: Path, rows: int, driver: str = ""):
+    """(manifest, backend) of the artifact in `path` for `rows` sequences at a time (`driver`: IREE's, by default
+    the target's own)."""
     if not (path / "manifest.json").is_file():
         raise UserError(f"run-exported: {path} holds no exported model (no manifest.json); give the --out folder "
                         "of `meshforge export --format stablehlo|iree`")
@@ -98,7 +105,7 @@ def load_artifact(path: Path, rows: int):
     if backend is None:
         raise UserError(f"run-exported: {path} holds a {manifest.get('format')!r} export; only stablehlo and iree "
                         "artifacts run here")
-    return manifest, backend(path, manifest, rows)
+    return manifest, backend(path, manifest, rows, driver)
 
 
 def generate(manifest: dict, backend, prompts: list[np.ndarray], max_new_tokens: int, temperature: float,
@@ -149,7 +156,7 @@ def run_exported(path: Path, args) -> int:
     if not (0 <= args.temperature < float("inf") and args.top_k >= 0 and 0.0 < args.top_p <= 1.0):
         raise UserError("--temperature/--top-k/--top-p: sampling: temperature must be finite and >= 0 (0: greedy), "
                         "top_k >= 0, top_p in (0, 1]")
-    manifest, backend = load_artifact(path, args.num_samples)
+    manifest, backend = load_artifact(path, args.num_samples, args.driver)
     tokenizer = load_tokenizer(path / "tokenizer.json")
     prompt = tokenizer.encode(args.prompt)
     if len(prompt) == 0:

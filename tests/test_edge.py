@@ -68,8 +68,9 @@ def reference(run, prompts: list[list[int]], quantize: bool = False):
     for i, p in enumerate(prompts):
         tokens[i, starts[i]:] = p
     positions = np.maximum(np.arange(16)[None] - starts[:, None], 0)
-    logits, _ = mdef.apply(params, jnp.asarray(tokens), positions_BT=jnp.asarray(positions),
-                           cache=init_cache(mdef.cfg, len(prompts), 96, jnp.float32), cache_starts_B=jnp.asarray(starts))
+    cache = init_cache(mdef.cfg, len(prompts), 96, jnp.float32)
+    logits, _ = mdef.apply(params, jnp.asarray(tokens), positions_BT=jnp.asarray(positions), cache=cache,
+                           cache_starts_B=jnp.asarray(starts))
     gen = Generator(mdef, mesh, shardings, vocab_limit=65, eos_id=None)
     greedy = gen.generate(params, [np.array(p) for p in prompts], 64, Sampling())
     return np.asarray(logits[:, -1]), [list(map(int, g)) for g in greedy]
