@@ -51,6 +51,7 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="folder to write (must be empty or new)")
         p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
         p.add_argument("--quantize", choices=["int8"], help="stablehlo/iree: int8 weights with per-channel scales")
+        _quantize_targets_arg(p)
         p.add_argument("--batch-sizes", default="1", help="iree: the batch sizes to compile a module for, e.g. 1,8")
         p.add_argument("--target", default="llvm-cpu", help="iree: the backend (llvm-cpu: this host's CPU; "
                        "vulkan-spirv, metal-spirv, cuda)")
@@ -90,11 +91,17 @@ def _parser(verb: str) -> argparse.ArgumentParser:
     if verb == "eval":
         p.add_argument("--quantize", choices=["int8"], help="evaluate the run's weights quantized after training "
                        "(int8, per-channel scales, qwix)")
+        _quantize_targets_arg(p)
     if verb == "sample":
         _sampling_args(p)
         p.add_argument("--from", dest="source", help="a HuggingFace model folder or a run's workdir to sample "
                        "from (instead of EXPERIMENT / --workdir)")
     return p
+
+
+def _quantize_targets_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize-targets", default="", help="with --quantize: the weights to quantize, a regex over "
+                   "parameter paths like blocks/0/attn/wq_DNH (default: the attention and MLP projections)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -217,7 +224,11 @@ def run(verb: str, argv: list[str]) -> int:
     if args.quantize:
         from models.quant import quantized_params
 
-        params = quantized_params(params, setup.mdef.logical_axes(), setup.shardings["params"], args.quantize)
+        try:
+            params = quantized_params(params, setup.mdef.logical_axes(), setup.shardings["params"], args.quantize,
+                                      args.quantize_targets or None)
+        except ValueError as e:
+            raise UserError(f"--quantize-targets: {e}") from None
     from parallel.rules import activate
     from train.step import make_eval_step
 

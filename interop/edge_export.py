@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data.tokenize import eos_id
+from models.axes import PROJECTIONS
 from models.quant import dequantize_weights, from_arrays, quantize_weights, to_arrays
 from models.transformer import cache_position, compute_dtype, init_cache
 from optim.trainable import path_name
@@ -45,6 +47,7 @@ class EdgeOptions:
     batch_sizes: tuple[int, ...] = (1,)  # iree: one module per batch size
     target: str = "llvm-cpu"  # iree backend
     quantize: str = ""  # "" or "int8": int8 weights with per-channel scales
+    quantize_targets: str = ""  # which weights --quantize quantizes: a regex over parameter paths ("": PROJECTIONS)
     prompt_len: int = 64  # P: prompts are left-padded to this many tokens
     max_len: int = 0  # cache slots: the prompt's P plus the tokens to generate (0: P + 256)
 
@@ -56,6 +59,10 @@ class EdgeOptions:
                             f"{', '.join(IREE_TARGETS)}")
         if self.quantize not in ("", "int8"):
             raise UserError(f"--quantize {self.quantize!r}: only int8 is supported")
+        try:
+            re.compile(self.quantize_targets or PROJECTIONS)
+        except re.error as e:
+            raise UserError(f"--quantize-targets {self.quantize_targets!r}: not a regex ({e})") from None
         if self.prompt_len < 1 or (self.max_len and self.max_len <= self.prompt_len):
             raise UserError("--prompt-len must be >= 1 and --max-len larger than it")
 
@@ -154,7 +161,10 @@ def export_edge(run: Path, loaded, params: dict, out: Path, fmt: str, opts: Edge
     flat = dict(zip(fns.names, jax.tree.leaves(params)))
     if opts.quantize:
         axes = dict(zip(fns.names, jax.tree.leaves(loaded.mdef.logical_axes(), is_leaf=lambda x: isinstance(x, tuple))))
-        flat = quantize_weights(flat, axes, opts.quantize)
+        try:
+            flat = quantize_weights(flat, axes, opts.quantize, opts.quantize_targets or None)
+        except ValueError as e:
+            raise UserError(f"--quantize-targets: {e}; paths look like {fns.names[0]}") from None
     arrays = to_arrays(flat)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / "weights.npz", **arrays)

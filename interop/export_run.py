@@ -24,7 +24,7 @@ def edge_options(args):
     except ValueError:
         raise UserError(f"--batch-sizes {args.batch_sizes!r}: give comma-separated integers, e.g. 1,8") from None
     return EdgeOptions(batch_sizes=sizes, target=args.target, quantize=args.quantize or "",
-                       prompt_len=args.prompt_len, max_len=args.max_len)
+                       quantize_targets=args.quantize_targets, prompt_len=args.prompt_len, max_len=args.max_len)
 
 
 def export_run(run: Path, fmt: str, out: Path, step: int | None = None, args=None) -> dict:

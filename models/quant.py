@@ -30,11 +30,15 @@ def _qwix():
 
 
 def quantize_weights(weights: dict[str, Any], axes: dict[str, Axes], qtype: str = "int8",
-                     pattern: str = PROJECTIONS) -> dict[str, Any]:
-    """`weights` with every matrix whose path `pattern` finds as a qwix.QArray (per-output-channel scales).
-    Raises ValueError when the pattern finds none."""
+                     pattern: str | None = None) -> dict[str, Any]:
+    """`weights` with every matrix whose path `pattern` (default PROJECTIONS) finds as a qwix.QArray
+    (per-output-channel scales). Raises ValueError when the pattern finds none or is not a regex."""
     qwix = _qwix()
-    regex = re.compile(pattern)
+    pattern = pattern or PROJECTIONS
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{pattern!r} is not a regex ({e})") from None
     out, found = {}, 0
     for name, w in weights.items():
         if regex.search(name) and np.ndim(w) >= 2:
@@ -45,7 +49,7 @@ def quantize_weights(weights: dict[str, Any], axes: dict[str, Axes], qtype: str 
         else:
             out[name] = w
     if not found:
-        raise ValueError(f"quantization rule {pattern!r} matches no weight matrix")
+        raise ValueError(f"{pattern!r} matches no weight matrix")
     return out
 
 
@@ -81,7 +85,7 @@ def from_arrays(arrays: dict[str, Any], qtype: str = "int8") -> dict[str, Any]:
 
 
 def quantized_params(params: dict, logical_axes: dict, shardings: Any, qtype: str = "int8",
-                     pattern: str = PROJECTIONS) -> dict:
+                     pattern: str | None = None) -> dict:
     """A nested param tree as a weight-only quantized model computes with it (quantize, then dequantize), placed
     with `shardings`: what `meshforge eval --quantize` evaluates."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)

@@ -229,10 +229,13 @@ def test_bad_export_input_is_one_line_and_writes_nothing(run, tmp_path):
         (["export", run, "--format", "iree", "--target", "tpu"], "--target"),
         (["export", run, "--format", "iree", "--batch-sizes", "1,x"], "--batch-sizes"),
         (["run-exported", tmp_path], "no exported model"),
+        (["export", run, "--format", "stablehlo", "--quantize", "int8", "--quantize-targets", "nothing"],
+         "--quantize-targets"),
+        (["eval", "--workdir", run, "--quantize", "int8", "--quantize-targets", "nothing"], "--quantize-targets"),
     ]
     for args, needle in cases:
         out = tmp_path / "out"
-        r = meshforge(*args, *(["--out", out] if args[0] == "export" else []))
+        r = meshforge(*args, *(["--out", out] if args[0] == "export" else []))  # nothing left half-written
         assert r.returncode == 2, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, (args, r.stderr)
         assert not out.exists()
