@@ -6,7 +6,7 @@
                      [--temperature T] [--top-k K] [--top-p P] [--num-samples N] [--seed S]
     meshforge export RUN --format hf|peft --out DIR [--step N]
     meshforge export RUN --format stablehlo|iree --out DIR [--step N] [--quantize int8] [--batch-sizes 1,8]
-                     [--target llvm-cpu] [--prompt-len P] [--max-len S]
+                     [--target llvm-cpu] [--target-cpu host] [--prompt-len P] [--max-len S]
     meshforge run-exported DIR [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
                      [--num-samples N] [--seed S] [--driver local-sync|local-task|...]
     meshforge bench  EXPERIMENT [--section.key VALUE ...] [--steps N] [--warmup N] [--json FILE] [--compare torch|train]
@@ -19,6 +19,7 @@ Exit codes: 0 done, 2 user error (one line on stderr), 1 bug (traceback).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -53,8 +54,10 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         p.add_argument("--quantize", choices=["int8"], help="stablehlo/iree: int8 weights with per-channel scales")
         _quantize_targets_arg(p)
         p.add_argument("--batch-sizes", default="1", help="iree: the batch sizes to compile a module for, e.g. 1,8")
-        p.add_argument("--target", default="llvm-cpu", help="iree: the backend (llvm-cpu: this host's CPU; "
-                       "vulkan-spirv, metal-spirv, cuda)")
+        p.add_argument("--target", default="llvm-cpu", help="iree: the backend (llvm-cpu: a CPU; vulkan-spirv, "
+                       "metal-spirv, cuda)")
+        p.add_argument("--target-cpu", default="host", help="iree llvm-cpu: the CPU to compile for (host: this "
+                       "one, its vector extensions included; generic: any x86-64; or an LLVM CPU name)")
         p.add_argument("--prompt-len", type=int, default=64, help="stablehlo/iree: the longest prompt, in tokens")
         p.add_argument("--max-len", type=int, default=0, help="stablehlo/iree: cache slots, prompt-len plus the "
                        "tokens to generate (default prompt-len + 256)")
@@ -193,6 +196,7 @@ def run(verb: str, argv: list[str]) -> int:
     if verb == "bench" and args.compare == "edge":  # one CPU device, as an edge runtime has
         from interop.bench_edge import compare_edge
 
+        check_json_path(args.json)
         compare_edge(workdir, json_path=args.json)
         return 0
     launch = resolve_launch(args.coordinator, args.num_processes, args.process_id) if verb == "train" else None
@@ -220,6 +224,10 @@ def run(verb: str, argv: list[str]) -> int:
     from train.loop import evaluate
     from train.restore import restore_for_inference
 
+    if args.quantize_targets and not args.quantize:
+        raise UserError("--quantize-targets: give --quantize int8 too (it says which weights that quantizes)")
+    if args.quantize and importlib.util.find_spec("qwix") is None:
+        raise UserError("--quantize int8 needs qwix: pip install -e '.[edge]'")
     setup, params, step = restore_for_inference(cfg, workdir, args.step)
     if args.quantize:
         from models.quant import quantized_params
@@ -279,14 +287,19 @@ def sample_hf(args, overrides) -> int:
     return sample_folder(Path(args.source).expanduser(), cfg, args)
 
 
+def check_json_path(path: str | None) -> None:
+    """Find out now, not after the whole benchmark ran, that the report cannot be written."""
+    if path:
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).touch()
+        except OSError as e:
+            raise UserError(f"--json {path}: cannot write there ({e.strerror})") from None
+
+
 def bench(cfg, args) -> int:
     """Compile and time the train step (train/bench.py), or with --data-only the input pipeline alone."""
-    if args.json:  # find out now, not after the whole benchmark ran, that the report cannot be written
-        try:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).touch()
-        except OSError as e:
-            raise UserError(f"--json {args.json}: cannot write there ({e.strerror})") from None
+    check_json_path(args.json)
     if args.compare and args.data_only:
         raise UserError("--compare and --data-only: pick one (--compare times the train step)")
     if args.compare == "torch":

@@ -59,8 +59,8 @@ def compare_edge(run: Path, *, new_tokens: int = 256, repeats: int = 7, json_pat
     with tempfile.TemporaryDirectory(prefix="meshforge-bench-edge-") as tmp:
         for name, (fmt, quantize) in ARTIFACTS.items():
             out = Path(tmp) / name
-            args = SimpleNamespace(batch_sizes="1", target="llvm-cpu", quantize=quantize, prompt_len=prompt_len,
-                                   max_len=prompt_len + new_tokens)
+            args = SimpleNamespace(batch_sizes="1", target="llvm-cpu", target_cpu="host", quantize=quantize,
+                                   quantize_targets="", prompt_len=prompt_len, max_len=prompt_len + new_tokens)
             t = time.perf_counter()
             export_run(run, fmt, out, None, args)
             result[f"{name}_export_s"] = round(time.perf_counter() - t, 2)

@@ -32,13 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from data.tokenize import eos_id
+from interop.edge_runner import FORMAT_VERSION
 from models.axes import PROJECTIONS
 from models.quant import dequantize_weights, from_arrays, quantize_weights, to_arrays
 from models.transformer import cache_position, compute_dtype, init_cache
 from optim.trainable import path_name
 from parallel.errors import UserError
 
-FORMAT_VERSION = 1
 IREE_TARGETS = ("llvm-cpu", "vulkan-spirv", "metal-spirv", "cuda")
 
 
@@ -46,6 +46,7 @@ IREE_TARGETS = ("llvm-cpu", "vulkan-spirv", "metal-spirv", "cuda")
 class EdgeOptions:
     batch_sizes: tuple[int, ...] = (1,)  # iree: one module per batch size
     target: str = "llvm-cpu"  # iree backend
+    target_cpu: str = "host"  # llvm-cpu: the CPU the modules are compiled for (host: this one; generic: any x86-64)
     quantize: str = ""  # "" or "int8": int8 weights with per-channel scales
     quantize_targets: str = ""  # which weights --quantize quantizes: a regex over parameter paths ("": PROJECTIONS)
     prompt_len: int = 64  # P: prompts are left-padded to this many tokens
@@ -108,13 +109,16 @@ class EdgeFunctions:
     def __init__(self, mdef, params: dict, opts: EdgeOptions, vocab_limit: int):
         flat, self.treedef = jax.tree_util.tree_flatten_with_path(params)
         self.names = [path_name(p) for p, _ in flat]
+        self.dtypes = [v.dtype for _, v in flat]
         self.mdef, self.opts, self.vocab_limit = mdef, opts, vocab_limit
         self.cache_dtype = compute_dtype(mdef.cfg.dtype)
         self.cache_tree = jax.tree.structure(init_cache(mdef.cfg, 1, 1, self.cache_dtype))
 
     def _params(self, arrays: dict) -> dict:
         weights = dequantize_weights(from_arrays(arrays))
-        return jax.tree_util.tree_unflatten(self.treedef, [weights[n] for n in self.names])
+        # stored float32 (numpy has no bfloat16): back to the model's own parameter dtypes
+        return jax.tree_util.tree_unflatten(self.treedef, [weights[n].astype(d) for n, d in zip(self.names,
+                                                                                           self.dtypes)])
 
     def prefill(self, arrays, tokens_BP, starts_B):
         B, P = tokens_BP.shape
@@ -139,8 +143,9 @@ class EdgeFunctions:
         """Argument shapes of each function at `batch` (an int or a symbolic dimension)."""
         i32, f32 = jnp.int32, jnp.float32
         w = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in arrays.items()}
-        cache = [jax.ShapeDtypeStruct((batch, *x.shape[1:]) if x.ndim else (), x.dtype)
-                 for x in jax.tree.leaves(init_cache(self.mdef.cfg, 1, self.opts.slots, self.cache_dtype))]
+        # shapes as prefill makes them: a scanned model's cache is stacked by layer, its batch axis second
+        cache = jax.tree.leaves(jax.eval_shape(lambda: init_cache(self.mdef.cfg, batch, self.opts.slots,
+                                                                  self.cache_dtype)))
         B, V = (batch,), self.mdef.cfg.vocab_size
         s = jax.ShapeDtypeStruct
         return {"prefill": (w, s((batch, self.opts.prompt_len), i32), s(B, i32)),
@@ -158,7 +163,8 @@ def export_edge(run: Path, loaded, params: dict, out: Path, fmt: str, opts: Edge
                         "export a causal run")
     tokenizer = loaded.tokenizer
     fns = EdgeFunctions(loaded.mdef, params, opts, tokenizer.vocab_size)
-    flat = dict(zip(fns.names, jax.tree.leaves(params)))
+    flat = {n: np.asarray(v, np.float32) if jnp.issubdtype(v.dtype, jnp.floating) else np.asarray(v)
+            for n, v in zip(fns.names, jax.tree.leaves(params))}  # bfloat16 has no numpy (npz) type
     if opts.quantize:
         axes = dict(zip(fns.names, jax.tree.leaves(loaded.mdef.logical_axes(), is_leaf=lambda x: isinstance(x, tuple))))
         try:
@@ -168,7 +174,7 @@ def export_edge(run: Path, loaded, params: dict, out: Path, fmt: str, opts: Edge
     arrays = to_arrays(flat)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / "weights.npz", **arrays)
-    modules = {}
+    modules, kept = {}, {}
     t0 = time.perf_counter()
     if fmt == "stablehlo":
         batch = export.symbolic_shape("b")[0]
@@ -180,8 +186,11 @@ def export_edge(run: Path, loaded, params: dict, out: Path, fmt: str, opts: Edge
         compile_str = iree_compiler()
         for b in sorted(set(opts.batch_sizes)):
             for name, spec in fns.specs(b, arrays).items():
-                text = export.export(jax.jit(getattr(fns, name)), platforms=("cpu",))(*spec).mlir_module()
-                extra = ["--iree-llvmcpu-target-cpu=host"] if opts.target == "llvm-cpu" else []
+                exported = export.export(jax.jit(getattr(fns, name)), platforms=("cpu",))(*spec)
+                text = exported.mlir_module()
+                # the module takes only the arguments it uses (jax.export drops the others): the runner passes those
+                kept[f"{name}_b{b}"] = sorted(exported.module_kept_var_idx)
+                extra = [f"--iree-llvmcpu-target-cpu={opts.target_cpu}"] if opts.target == "llvm-cpu" else []
                 try:
                     module = compile_str(text, target_backends=[opts.target], input_type="stablehlo",
                                          extra_args=extra)
@@ -196,12 +205,13 @@ def export_edge(run: Path, loaded, params: dict, out: Path, fmt: str, opts: Edge
     manifest = {
         "format_version": FORMAT_VERSION, "format": fmt, "step": loaded.step, "name": loaded.cfg.name,
         "target": opts.target if fmt == "iree" else "jax",
+        "target_cpu": opts.target_cpu if fmt == "iree" and opts.target == "llvm-cpu" else None,
         "batch_sizes": sorted(set(opts.batch_sizes)) if fmt == "iree" else "any",
         "quantize": opts.quantize or "none", "prompt_len": opts.prompt_len, "slots": opts.slots,
         "vocab_limit": tokenizer.vocab_size, "vocab_size": m.vocab_size, "eos_id": eos_id(tokenizer),
         "learned_positions": m.positions == "learned", "max_seq_len": m.max_seq_len,
         "weights": sorted(arrays), "cache": [[list(s.shape), str(s.dtype)] for s in fns.specs(1, arrays)["decode"][2]],
-        "modules": modules,
+        "modules": modules, "kept_args": kept,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return {"step": loaded.step, "format": fmt, "out": str(out), "quantize": opts.quantize or "none",

@@ -17,13 +17,21 @@ import numpy as np
 from data.tokenize import load_tokenizer
 from parallel.errors import UserError
 
+FORMAT_VERSION = 1  # of the artifacts interop/edge_export.py writes
+
 
 class _Jax:
     """The three functions of a StableHLO artifact, any batch."""
 
     def __init__(self, path: Path, manifest: dict, rows: int, driver: str = ""):
-        import jax
-        from jax import export
+        if driver:
+            raise UserError("--driver: applies to IREE artifacts; this one is StableHLO (it runs on jax's CPU)")
+        try:
+            import jax
+            from jax import export
+        except ImportError:
+            raise UserError("run-exported: a StableHLO artifact needs jax (pip install jax); export an IREE one "
+                            "for a device without it") from None
 
         # jit once: Exported.call alone traces again on every call
         self.fns = {name: jax.jit(export.deserialize(bytearray((path / file).read_bytes())).call)
@@ -68,26 +76,30 @@ class _Iree:
         except (ValueError, RuntimeError) as e:
             raise UserError(f"--driver {driver}: the IREE runtime cannot use it here ({e})") from None
         ctx = rt.SystemContext(config=config)
-        self.fns = {}
+        self.fns, self.kept = {}, {}
         for name in ("prefill", "decode", "pick"):
-            module = rt.VmModule.copy_buffer(ctx.instance, (path / manifest["modules"][f"{name}_b{self.rows}"])
-                                             .read_bytes())
+            module_name = f"{name}_b{self.rows}"
+            module = rt.VmModule.copy_buffer(ctx.instance, (path / manifest["modules"][module_name]).read_bytes())
             ctx.add_vm_module(module)
             self.fns[name] = ctx.modules[module.name].main
+            self.kept[name] = manifest["kept_args"][module_name]
         weights = np.load(path / "weights.npz")
         # jax flattens a dict argument in sorted key order: the modules take the weights that way
         self.weights = [rt.asdevicearray(config.device, weights[k]) for k in sorted(weights.files)]
 
+    def _call(self, name: str, *args):
+        return self.fns[name](*(args[i] for i in self.kept[name]))
+
     def prefill(self, tokens, starts):
-        logits, *cache = self.fns["prefill"](*self.weights, tokens, starts)
+        logits, *cache = self._call("prefill", *self.weights, tokens, starts)
         return logits, cache
 
     def decode(self, token, cache, starts):
-        logits, *cache = self.fns["decode"](*self.weights, token, *cache, starts)
+        logits, *cache = self._call("decode", *self.weights, token, *cache, starts)
         return logits, cache
 
     def pick(self, logits, key, temperature, top_k, top_p):
-        token, key = self.fns["pick"](logits, key, np.float32(temperature), np.int32(top_k), np.float32(top_p))
+        token, key = self._call("pick", logits, key, np.float32(temperature), np.int32(top_k), np.float32(top_p))
         return np.asarray(token.to_host()), key
 
     def host(self, x):
@@ -100,7 +112,13 @@ def load_artifact(path: Path, rows: int, driver: str = ""):
     if not (path / "manifest.json").is_file():
         raise UserError(f"run-exported: {path} holds no exported model (no manifest.json); give the --out folder "
                         "of `meshforge export --format stablehlo|iree`")
-    manifest = json.loads((path / "manifest.json").read_text())
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"run-exported: {path / 'manifest.json'} is damaged ({e}); export the run again") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"run-exported: {path} was written by another version of meshforge export (format "
+                        f"{manifest.get('format_version')}, this runner reads {FORMAT_VERSION}); export it again")
     backend = {"stablehlo": _Jax, "iree": _Iree}.get(manifest.get("format"))
     if backend is None:
         raise UserError(f"run-exported: {path} holds a {manifest.get('format')!r} export; only stablehlo and iree "

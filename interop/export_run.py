@@ -17,14 +17,19 @@ def _check_out(out: Path) -> None:
 
 def edge_options(args):
     """The stablehlo/iree options of the export command line, checked before any checkpoint is read."""
+    import importlib.util
+
     from interop.edge_export import EdgeOptions
 
+    if args.quantize and importlib.util.find_spec("qwix") is None:
+        raise UserError("--quantize int8 needs qwix: pip install -e '.[edge]'")
     try:
         sizes = tuple(int(s) for s in str(args.batch_sizes).split(",") if s.strip())
     except ValueError:
         raise UserError(f"--batch-sizes {args.batch_sizes!r}: give comma-separated integers, e.g. 1,8") from None
-    return EdgeOptions(batch_sizes=sizes, target=args.target, quantize=args.quantize or "",
-                       quantize_targets=args.quantize_targets, prompt_len=args.prompt_len, max_len=args.max_len)
+    return EdgeOptions(batch_sizes=sizes, target=args.target, target_cpu=args.target_cpu,
+                       quantize=args.quantize or "", quantize_targets=args.quantize_targets,
+                       prompt_len=args.prompt_len, max_len=args.max_len)
 
 
 def export_run(run: Path, fmt: str, out: Path, step: int | None = None, args=None) -> dict:
@@ -38,6 +43,10 @@ def export_run(run: Path, fmt: str, out: Path, step: int | None = None, args=Non
         raise UserError(f"export: {run} is not a meshforge run (no config.json); give the run's workdir")
     _check_out(out)
     edge = edge_options(args) if fmt in ("stablehlo", "iree") else None
+    if edge is None and args is not None and (args.quantize or args.quantize_targets):
+        raise UserError(f"--quantize: applies to --format stablehlo|iree; --format {fmt} writes float weights")
+    if edge is not None and edge.quantize_targets and not edge.quantize:
+        raise UserError("--quantize-targets: give --quantize int8 too (it says which weights that quantizes)")
     if fmt == "iree":
         from interop.edge_export import iree_compiler
 
@@ -65,14 +74,17 @@ def export_run(run: Path, fmt: str, out: Path, step: int | None = None, args=Non
         params = merge(params, m.lora_alpha / m.lora_rank)
     plain = dataclasses.replace(m, lora_rank=0)
     if edge is not None:
+        # the artifact runs on a CPU: compute in what a CPU run computes in, whichever host exports it
+        plain = dataclasses.replace(plain, dtype="float32" if plain.dtype == "auto" else plain.dtype)
         from interop.edge_export import export_edge
         from train.state import model_def
 
         loaded = dataclasses.replace(loaded, cfg=dataclasses.replace(loaded.cfg, model=plain), mdef=model_def(plain))
+        existed = out.exists()
         try:
             return export_edge(run, loaded, params, out, fmt, edge)
         except BaseException:
-            _remove_partial(out)
+            _remove_partial(out, existed)
             raise
     hf_config = json.loads((hf_dir / "config.json").read_text()) if hf_dir else None
     tokenizer = None if hf_dir else json.loads((run / "tokenizer.json").read_text())
@@ -81,11 +93,15 @@ def export_run(run: Path, fmt: str, out: Path, step: int | None = None, args=Non
     return {"step": step, "format": fmt, "out": str(out)}
 
 
-def _remove_partial(out: Path) -> None:
-    """A failed export leaves no half-written artifact (the folder was new or empty: _check_out)."""
+def _remove_partial(out: Path, existed: bool) -> None:
+    """A failed export leaves no half-written artifact: the folder was new (removed) or empty (emptied)."""
     import shutil
 
-    shutil.rmtree(out, ignore_errors=True)
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for p in out.iterdir():
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def _host(tree, to_host):

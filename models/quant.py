@@ -29,6 +29,15 @@ def _qwix():
     return qwix
 
 
+def _is_qarray(x) -> bool:
+    """Without qwix installed nothing is quantized: float-only paths never need it."""
+    try:
+        import qwix
+    except ImportError:
+        return False
+    return isinstance(x, qwix.QArray)
+
+
 def quantize_weights(weights: dict[str, Any], axes: dict[str, Axes], qtype: str = "int8",
                      pattern: str | None = None) -> dict[str, Any]:
     """`weights` with every matrix whose path `pattern` (default PROJECTIONS) finds as a qwix.QArray
@@ -55,16 +64,14 @@ def quantize_weights(weights: dict[str, Any], axes: dict[str, Axes], qtype: str 
 
 def dequantize_weights(weights: dict[str, Any]) -> dict[str, jax.Array]:
     """Float weights from a dict holding qwix.QArrays (traceable: exported functions dequantize inside)."""
-    qwix = _qwix()
-    return {k: qwix.dequantize(v) if isinstance(v, qwix.QArray) else v for k, v in weights.items()}
+    return {k: _qwix().dequantize(v) if _is_qarray(v) else v for k, v in weights.items()}
 
 
 def to_arrays(weights: dict[str, Any]) -> dict[str, np.ndarray]:
     """Plain arrays to store: a QArray becomes '<path>.q' and '<path>.scale'."""
-    qwix = _qwix()
     out = {}
     for k, v in weights.items():
-        if isinstance(v, qwix.QArray):
+        if _is_qarray(v):
             out[k + ".q"], out[k + ".scale"] = np.asarray(v.qvalue), np.asarray(v.scale)
         else:
             out[k] = np.asarray(v)

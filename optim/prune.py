@@ -57,6 +57,16 @@ class PruneConfig:
     def end(self, total_steps: int) -> int:
         return self.end_step or max(self.start_step, (3 * total_steps) // 4)
 
+    def unreached(self, total_steps: int) -> str | None:
+        """Why a run of total_steps ends before the pruning does (None when it does not)."""
+        if self.method == "none":
+            return None
+        last = self.start_step if self.method == "nm" else self.end(total_steps)
+        if last > total_steps:
+            return (f"prune: the masks reach their target at step {last}, after train.steps {total_steps}; this run "
+                    "ends less sparse (fine when the run will be extended)")
+        return None
+
 
 class PruneError(ValueError):
     """A prune setting that does not fit the model (the run builder reports it as a user error)."""
@@ -114,7 +124,9 @@ def _slices(w: jax.Array, stacked: int) -> jax.Array:
 
 def _kept_by_magnitude(weights: list[jax.Array], leaves: list[_Leaf], sparsity: jax.Array,
                        scope: str) -> list[jax.Array]:
-    """Masks keeping all but the floor(sparsity * size) smallest magnitudes, per slice or over all weights."""
+    """Masks keeping all but the floor(sparsity * size) smallest magnitudes, per slice or over all weights
+    (weights tied at the threshold all go: with float weights a tie is rare). `global` sorts every pruned weight
+    at once, so on an FSDP mesh a mask update gathers them all."""
     if scope == "global":
         flat = jnp.concatenate([jnp.abs(w).astype(jnp.float32).ravel() for w in weights])
         n_prune = jnp.floor(sparsity * flat.size).astype(jnp.int32)
@@ -131,7 +143,7 @@ def _kept_by_magnitude(weights: list[jax.Array], leaves: list[_Leaf], sparsity: 
 
 
 def _kept_n_of_m(w: jax.Array, axis: int, n: int, m: int) -> jax.Array:
-    """Keep the n largest magnitudes of every m consecutive weights along `axis` (ties: the earlier one)."""
+    """Keep the n largest magnitudes of every m consecutive weights along `axis` (ties: the later one)."""
     moved = jnp.moveaxis(jnp.abs(w), axis, -1)
     groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
     rank = jnp.argsort(jnp.argsort(groups, axis=-1, stable=True), axis=-1, stable=True)  # 0: the smallest

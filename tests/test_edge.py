@@ -170,6 +170,12 @@ def test_int8_artifact_holds_int8_weights_and_computes_as_the_quantized_model(ru
     assert len(quantized) == 2 * 5  # wq, wkv, wo, wi, wo of each of the 2 blocks
     for k in quantized:
         assert weights[k + ".q"].dtype == np.int8 and weights[k + ".q"].shape == floats[k].shape
+    # per output channel, absmax over what the matrix contracts: wq_DNH over D, wo_NHD over N and H
+    for k, contracted in (("blocks/0/attn/wq_DNH", (0,)), ("blocks/1/attn/wo_NHD", (0, 1))):
+        w, q, scale = floats[k], weights[k + ".q"].astype(np.float32), weights[k + ".scale"]
+        ratio = scale / np.abs(w).max(axis=contracted, keepdims=True)  # one scale per output channel
+        np.testing.assert_allclose(ratio, 1 / 127.5, rtol=1e-5)  # qwix's absmax maps the largest to 127.5
+        assert (np.abs(q * scale - w) <= scale + 1e-7).all()
     q_bytes = sum(weights[k + ".q"].nbytes + weights[k + ".scale"].nbytes for k in quantized)
     f_bytes = sum(floats[k].nbytes for k in quantized)
     assert 3.5 < f_bytes / q_bytes <= 4, f_bytes / q_bytes
@@ -239,3 +245,31 @@ def test_bad_export_input_is_one_line_and_writes_nothing(run, tmp_path):
         assert r.returncode == 2, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, (args, r.stderr)
         assert not out.exists()
+
+
+def test_scanned_bfloat16_run_exports_and_decodes_as_sample(tmp_path):
+    """A scanned model (its cache stacked by layer) with bfloat16 parameters (stored float32 in the artifact)."""
+    run = tmp_path / "scanned"
+    r = meshforge("train", "experiments/shakespeare_char.py", "--workdir", run, *TINY, "--train.steps", "4",
+                  "--model.scan_layers", "true", "--model.param_dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr
+    for fmt in ("stablehlo", "iree"):
+        r = meshforge("export", run, "--format", fmt, "--out", tmp_path / fmt, "--prompt-len", "16", "--max-len", "96")
+        assert r.returncode == 0, r.stderr
+    want = meshforge("sample", "--workdir", run, *SAMPLE, "--temperature", "0")
+    assert want.returncode == 0, want.stderr
+    for fmt in ("stablehlo", "iree"):
+        got = meshforge("run-exported", tmp_path / fmt, *SAMPLE, "--temperature", "0")
+        assert got.returncode == 0, got.stderr
+        assert got.stdout == want.stdout, fmt
+
+
+def test_bench_compare_edge_reports_every_artifact(run, tmp_path):
+    report = tmp_path / "edge.json"
+    r = meshforge("bench", "experiments/shakespeare_char.py", "--compare", "edge", "--workdir", run, "--json", report)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(report.read_text())
+    for name in ("meshforge", "stablehlo_f32", "stablehlo_int8", "iree_f32", "iree_int8"):
+        assert got[f"{name}_tokens_per_s"] > 0, name
+    assert got["stablehlo_int8_bytes"] < 0.8 * got["stablehlo_f32_bytes"]  # a tiny model: the embedding weighs
+    assert "tokens/s" in r.stdout and got["cpu"] in r.stdout

@@ -167,6 +167,8 @@ def build(cfg: Config, workdir: Path | None = None) -> Setup:
     cfg = resolve_model(cfg, data.tokenizer.vocab_size)
     mdef = model_def(cfg.model, cfg.train.trainable)
     tx, schedule = optimizer(cfg, mdef)
+    if (why := cfg.prune.unreached(cfg.train.steps)) and jax.process_index() == 0:
+        print(f"meshforge: warning: {why}", file=sys.stderr, flush=True)
     shardings = state_shardings(tx, mdef, mesh)
     return Setup(cfg, mesh, data, mdef, tx, schedule, shardings, batch_sharding(mesh), StepFlags(mesh))
 
@@ -196,7 +198,9 @@ def check_resumable(cfg: Config, workdir: Path) -> None:
         shape_keys.append("max_seq_len")  # the position table's length
     diff = [f"model.{k}: {saved.get(k)} -> {now[k]}" for k in shape_keys if k in saved and saved[k] != now[k]]
     # The optimizer's state has another structure, and the saved tokenizer would silently win over a new one.
-    for section, key in (("optim", "name"), ("prune", "method"), ("data", "tokenizer"), ("train", "trainable")):
+    # (pruning: the masks' pattern and which weights carry them; its schedule may change, but masks never regrow)
+    for section, key in (("optim", "name"), ("prune", "method"), ("prune", "targets"), ("prune", "scope"),
+                         ("prune", "n"), ("prune", "m"), ("data", "tokenizer"), ("train", "trainable")):
         old, new = saved_cfg.get(section, {}).get(key), getattr(getattr(cfg, section), key)
         if old is not None and old != new:
             diff.append(f"{section}.{key}: {old} -> {new}")
