@@ -106,9 +106,12 @@ class Attention(nnx.Module):
         qkv_bias: bool = False,
         qk_norm_eps: float = 0.0,
         lora: Callable[[str, tuple[int, ...]], LoRA | None] | None = None,
+        qat: Callable[[str], str | None] | None = None,
         rngs: nnx.Rngs,
     ):
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        qat = qat or (lambda name: None)
+        self.qat_q, self.qat_kv, self.qat_o = qat("attn/wq_DNH"), qat("attn/wkv_D2KH"), qat("attn/wo_NHD")
         self.implementation = pick_implementation(implementation, dtype, head_dim)
         self.dtype, self.causal, self.qk_norm_eps = dtype, causal, qk_norm_eps
         init = jax.nn.initializers.normal(init_std)
@@ -142,8 +145,8 @@ class Attention(nnx.Module):
         dt = self.dtype
         keys = jax.random.split(key, 3) if key is not None else (None,) * 3
         x_BTD = x_BTD.astype(dt)
-        q_BTNH = dense(x_BTD, self.wq_DNH[...].astype(dt))
-        kv_BT2KH = dense(x_BTD, self.wkv_D2KH[...].astype(dt))
+        q_BTNH = dense(x_BTD, self.wq_DNH[...].astype(dt), qat=self.qat_q)
+        kv_BT2KH = dense(x_BTD, self.wkv_D2KH[...].astype(dt), qat=self.qat_kv)
         if self.wq_DNH_lora is not None:
             q_BTNH = q_BTNH + self.wq_DNH_lora(x_BTD, keys[0])
         if self.wkv_D2KH_lora is not None:
@@ -165,7 +168,7 @@ class Attention(nnx.Module):
         else:
             out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask, is_causal=self.causal,
                                                     implementation=self.implementation)
-        out_BTD = dense(out_BTNH, self.wo_NHD[...].astype(dt), 2)
+        out_BTD = dense(out_BTNH, self.wo_NHD[...].astype(dt), 2, qat=self.qat_o)
         if self.wo_NHD_lora is not None:
             out_BTD = out_BTD + self.wo_NHD_lora(out_BTNH, keys[2])
         if self.use_bias:

@@ -35,9 +35,12 @@ class MLP(nnx.Module):
         dtype: jnp.dtype,
         param_dtype: jnp.dtype = jnp.float32,
         lora: Callable[[str, tuple[int, ...]], LoRA | None] | None = None,
+        qat: Callable[[str], str | None] | None = None,
         rngs: nnx.Rngs,
     ):
         self.kind, self.gelu_approximate, self.use_bias, self.dtype = kind, gelu_approximate, use_bias, dtype
+        qat = qat or (lambda name: None)
+        self.qat_i, self.qat_o = qat("mlp/wi_DCF"), qat("mlp/wo_FD")
         init = jax.nn.initializers.normal(init_std)
         # SwiGLU's gate and up projections are one matmul with a leading axis of 2.
         n_in = 2 if kind == "swiglu" else 1
@@ -55,7 +58,7 @@ class MLP(nnx.Module):
         dt = self.dtype
         k1, k2 = jax.random.split(key) if key is not None else (None, None)
         x_BTD = x_BTD.astype(dt)
-        h_BTCF = dense(x_BTD, self.wi_DCF[...].astype(dt))
+        h_BTCF = dense(x_BTD, self.wi_DCF[...].astype(dt), qat=self.qat_i)
         if self.wi_DCF_lora is not None:
             h_BTCF = h_BTCF + self.wi_DCF_lora(x_BTD, k1)
         if self.use_bias:
@@ -63,7 +66,7 @@ class MLP(nnx.Module):
         h_BTF = hidden_activation(h_BTCF[:, :, 0], h_BTCF[:, :, 1] if self.kind == "swiglu" else None, self.kind,
                          self.gelu_approximate)
         h_BTF = constrain(h_BTF, ("batch", "length", "act_mlp"))
-        out_BTD = dense(h_BTF, self.wo_FD[...].astype(dt))
+        out_BTD = dense(h_BTF, self.wo_FD[...].astype(dt), qat=self.qat_o)
         if self.wo_FD_lora is not None:
             out_BTD = out_BTD + self.wo_FD_lora(h_BTF, k2)
         if self.use_bias:

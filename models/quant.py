@@ -100,3 +100,12 @@ def quantized_params(params: dict, logical_axes: dict, shardings: Any, qtype: st
     axes = dict(zip(names, jax.tree.leaves(logical_axes, is_leaf=lambda x: isinstance(x, tuple))))
     weights = dequantize_weights(quantize_weights(dict(zip(names, (v for _, v in flat))), axes, qtype, pattern))
     return jax.device_put(jax.tree_util.tree_unflatten(treedef, [weights[n] for n in names]), shardings)
+
+
+def fake_quant(x: jax.Array, contracted: tuple[int, ...], qtype: str = "int8") -> jax.Array:
+    """x as int8 represents it (qwix's absmax, one scale per slice over the `contracted` axes: per output channel
+    for a weight, per token for an input), with the gradient of the identity (straight-through estimator)."""
+    qwix = _qwix()
+    keep = tuple(i for i in range(x.ndim) if i not in contracted)
+    q = qwix.dequantize(qwix.quantize(x, qtype, channelwise_axes=keep)).astype(x.dtype)
+    return x + jax.lax.stop_gradient(q - x)

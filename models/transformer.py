@@ -6,6 +6,7 @@ V vocabulary, L layers. Every parameter names its logical axes; parallel/rules.p
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 from typing import Literal
@@ -98,6 +99,11 @@ class ModelConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = "attn/|mlp/"
+    # Quantization-aware training (models/quant.py): the projections qat_targets finds (names as for LoRA) compute
+    # with int8 fake-quantized weights ("int8_weights") or weights and inputs ("int8"; per output channel and per
+    # token, qwix's absmax numerics), the gradient passing straight through to the float weights.
+    qat: Literal["none", "int8", "int8_weights"] = "none"
+    qat_targets: str = "attn/|mlp/"
     # Tokens per device whose float32 logits the training loss holds at once (models/loss.py); 0: as many as
     # keep one chunk under 256 MiB (2^26 / vocab_size tokens), which never chunks a small vocabulary.
     loss_chunk: int = 0
@@ -129,6 +135,11 @@ class ModelConfig:
             re.compile(self.lora_targets)
         except re.error as e:
             raise ValueError(f"model.lora_targets: {self.lora_targets!r} is not a regex ({e})") from None
+        if self.qat != "none" and importlib.util.find_spec("qwix") is None:
+            raise ValueError("model.qat needs qwix: pip install -e '.[edge]'")
+        if self.qat != "none" and not matching_targets(self.qat_targets):
+            raise ValueError(f"model.qat_targets: {self.qat_targets!r} matches no projection; choose among "
+                             "attn/wq_DNH, attn/wkv_D2KH, attn/wo_NHD, mlp/wi_DCF, mlp/wo_FD")
         if self.lora_rank and not matching_targets(self.lora_targets):
             raise ValueError(f"model.lora_targets: {self.lora_targets!r} matches no projection; choose among "
                              f"{', '.join(TARGETS)} (a regex, e.g. 'attn/' or 'wq|wkv')")
@@ -200,6 +211,12 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def qat_factory(cfg: ModelConfig):
+    """projection name -> its quantization-aware training mode ("int8", "int8_weights"), None when not targeted."""
+    targets = set(matching_targets(cfg.qat_targets)) if cfg.qat != "none" else set()
+    return lambda name: cfg.qat if name in targets else None
+
+
 def lora_factory(cfg: ModelConfig, rngs: nnx.Rngs):
     """name, weight shape -> a LoRA adapter for the targeted projections (None elsewhere, or without LoRA)."""
     targets = set(matching_targets(cfg.lora_targets)) if cfg.lora_rank else set()
@@ -227,7 +244,7 @@ class Block(nnx.Module):
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size, use_bias=cfg.use_bias,
                               qkv_bias=cfg.qkv_bias, qk_norm_eps=cfg.norm_eps if cfg.qk_norm else 0.0,
                               init_std=cfg.init_std, out_std=out_std, implementation=cfg.attention_impl, dtype=dtype,
-                              param_dtype=pd, causal=cfg.causal, lora=lora, rngs=rngs)
+                              param_dtype=pd, causal=cfg.causal, lora=lora, qat=qat_factory(cfg), rngs=rngs)
         self.mlp_norm = Norm(cfg.d_model, cfg.norm, rngs, pd, cfg.norm_eps)
         if moe:
             self.mlp = MoEMLP(cfg.d_model, cfg.expert_ff_dim, cfg.moe_experts, top_k=cfg.moe_top_k,
@@ -237,7 +254,7 @@ class Block(nnx.Module):
         else:
             self.mlp = MLP(cfg.d_model, cfg.ff_dim, kind=cfg.mlp, gelu_approximate=cfg.gelu_approximate,
                            use_bias=cfg.use_bias, init_std=cfg.init_std, out_std=out_std, dtype=dtype,
-                           param_dtype=pd, lora=lora, rngs=rngs)
+                           param_dtype=pd, lora=lora, qat=qat_factory(cfg), rngs=rngs)
 
     def __call__(self, x_BTD, mask, rope, key: jax.Array | None, cache: KVCache | None = None):
         k1, k2 = jax.random.split(key) if key is not None else (None, None)

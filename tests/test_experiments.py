@@ -32,6 +32,7 @@ SHORT_BPE = ["--train.steps", "30", "--optim.warmup_steps", "5", "--train.batch_
 SHORT = {
     "shakespeare_char": (["--train.steps", "60"], char_unigram_entropy()),
     "shakespeare_moe": (["--train.steps", "60"], char_unigram_entropy()),
+    "shakespeare_int8": (["--train.steps", "60"], char_unigram_entropy()),
     # pruned to 80% between steps 10 and 45
     "shakespeare_sparse": (["--train.steps", "60", "--prune.start_step", "10", "--prune.update_every", "5"],
                            char_unigram_entropy()),
@@ -49,6 +50,8 @@ def cache(tmp_path_factory):
 
 @pytest.mark.parametrize("name", SHORT)
 def test_shortened_experiment_learns(name, cache, tmp_path):
+    if name == "shakespeare_int8":
+        pytest.importorskip("qwix")  # the edge extra
     overrides, bound = SHORT[name]
     r = meshforge("train", f"experiments/{name}.py", "--workdir", tmp_path / "run", "--data.cache_dir", cache,
                   *QUICK_EVAL, *overrides, devices=2)
@@ -62,6 +65,8 @@ def test_shortened_experiment_learns(name, cache, tmp_path):
 DOCUMENTED = {
     # "validation loss 1.7734 at step 2000" (and issue 15's acceptance: < 1.80)
     "shakespeare_char": {2000: ("val_loss", 1.7734, 0.0005)},
+    # "validation loss 1.7780 at step 2000" (quantization-aware, int8 weights and inputs)
+    "shakespeare_int8": {2000: ("val_loss", 1.7780, 0.0005)},
     # "gradual magnitude pruning to 80%: validation loss 1.8106"
     "shakespeare_sparse": {2000: ("val_loss", 1.8106, 0.0005)},
     # "about 1.73 at step 2000 ... below the dense shakespeare_char's 1.78" (measured 1.7260)
