@@ -25,12 +25,13 @@ from models.quant import fake_quant
 def dense(x: jax.Array, w: jax.Array, n_in: int = 1, out_dtype: jnp.dtype | None = None,
           qat: str | None = None) -> jax.Array:
     """x's last n_in axes contracted with w's first n_in: (..., I...) x (I..., O...) -> (..., O...).
-    out_dtype: the matmul's accumulation and output dtype (None: the operands'). qat: "int8_weights" or "int8"
-    (weights and x) fake-quantized for quantization-aware training (models/quant.py)."""
+    out_dtype: the matmul's accumulation and output dtype (None: the operands'). qat: "int8_weights", "int8" or
+    "fp8" (weights and x) fake-quantized for quantization-aware training (models/quant.py)."""
     if qat:
-        w = fake_quant(w, tuple(range(n_in)))
-        if qat == "int8":
-            x = fake_quant(x, tuple(range(x.ndim - n_in, x.ndim)))
+        qtype = "float8_e4m3fn" if qat == "fp8" else "int8"
+        w = fake_quant(w, tuple(range(n_in)), qtype)
+        if qat != "int8_weights":
+            x = fake_quant(x, tuple(range(x.ndim - n_in, x.ndim)), qtype)
     if jax.default_backend() == "cpu":
         return checkpoint_name(_dense_cpu(x, w, n_in, out_dtype), "dense")
     return checkpoint_name(jnp.tensordot(x, w, axes=n_in, preferred_element_type=out_dtype), "dense")

@@ -103,8 +103,9 @@ def quantized_params(params: dict, logical_axes: dict, shardings: Any, qtype: st
 
 
 def fake_quant(x: jax.Array, contracted: tuple[int, ...], qtype: str = "int8") -> jax.Array:
-    """x as int8 represents it (qwix's absmax, one scale per slice over the `contracted` axes: per output channel
-    for a weight, per token for an input), with the gradient of the identity (straight-through estimator)."""
+    """x as `qtype` (int8, float8_e4m3fn) represents it (qwix's absmax, one scale per slice over the `contracted`
+    axes: per output channel for a weight, per token for an input), with the gradient of the identity
+    (straight-through estimator)."""
     qwix = _qwix()
     keep = tuple(i for i in range(x.ndim) if i not in contracted)
     q = qwix.dequantize(qwix.quantize(x, qtype, channelwise_axes=keep)).astype(x.dtype)

@@ -101,8 +101,9 @@ class ModelConfig:
     lora_targets: str = "attn/|mlp/"
     # Quantization-aware training (models/quant.py): the projections qat_targets finds (names as for LoRA) compute
     # with int8 fake-quantized weights ("int8_weights") or weights and inputs ("int8"; per output channel and per
-    # token, qwix's absmax numerics), the gradient passing straight through to the float weights.
-    qat: Literal["none", "int8", "int8_weights"] = "none"
+    # token, qwix's absmax numerics), or fp8 (e4m3) weights and inputs ("fp8", what H100/H200 matmuls take), the
+    # gradient passing straight through to the float weights.
+    qat: Literal["none", "int8", "int8_weights", "fp8"] = "none"
     qat_targets: str = "attn/|mlp/"
     # Tokens per device whose float32 logits the training loss holds at once (models/loss.py); 0: as many as
     # keep one chunk under 256 MiB (2^26 / vocab_size tokens), which never chunks a small vocabulary.
