@@ -150,3 +150,19 @@ def tree_digest(path: Path) -> dict[str, str]:
     """File -> sha256 for every file under path: proves a failed start changed nothing."""
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def checkpoint_state(workdir: Path, step: int | None = None) -> dict:
+    """A checkpoint's whole train state (latest unless `step`) on one device, as plain nested dicts: written by
+    any mesh or number of processes. Orbax gives layer keys as strings ('0'), not the model's ints."""
+    import orbax.checkpoint as ocp
+
+    if step is None:
+        step = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    path = workdir / "checkpoints" / str(step) / "state"
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as ckpt:
+        meta = ckpt.metadata(path)
+        meta = getattr(meta, "item_metadata", meta)
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
+        return ckpt.restore(path, target)

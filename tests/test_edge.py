@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REPO, mesh_for, meshforge
+from helpers import REPO, checkpoint_state, mesh_for, meshforge
 
 pytest.importorskip("qwix")
 pytest.importorskip("iree.compiler")
@@ -56,7 +56,7 @@ def reference(run, prompts: list[list[int]], quantize: bool = False):
     cfg = from_dict(json.loads((run / "config.json").read_text()))
     mdef, mesh = model_def(cfg.model), mesh_for()
     shardings = param_shardings(mdef, mesh)
-    saved = {path_name(k): v for k, v in jax.tree_util.tree_flatten_with_path(checkpoint_params(run))[0]}
+    saved = {path_name(k): v for k, v in jax.tree_util.tree_flatten_with_path(checkpoint_state(run)["params"])[0]}
     flat, treedef = jax.tree_util.tree_flatten_with_path(mdef.param_shapes())  # int layer keys, not Orbax's str
     params = jax.device_put(jax.tree_util.tree_unflatten(treedef, [saved[path_name(k)] for k, _ in flat]), shardings)
     if quantize:
@@ -74,19 +74,6 @@ def reference(run, prompts: list[list[int]], quantize: bool = False):
     gen = Generator(mdef, mesh, shardings, vocab_limit=65, eos_id=None)
     greedy = gen.generate(params, [np.array(p) for p in prompts], 64, Sampling())
     return np.asarray(logits[:, -1]), [list(map(int, g)) for g in greedy]
-
-
-def checkpoint_params(run):
-    import orbax.checkpoint as ocp
-
-    step = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
-    path = run / "checkpoints" / str(step) / "state"
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with ocp.StandardCheckpointer() as ckpt:
-        meta = ckpt.metadata(path)
-        meta = getattr(meta, "item_metadata", meta)
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
-        return ckpt.restore(path, target)["params"]
 
 
 # jax and numpy only: the functions straight from jax.export, no meshforge code on sys.path, flax unimportable

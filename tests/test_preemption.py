@@ -7,10 +7,9 @@ import sys
 import threading
 import time
 
-import orbax.checkpoint as ocp
 import pytest
 
-from helpers import REPO, cli_env, free_port, start_meshforge
+from helpers import REPO, checkpoint_state, cli_env, free_port, start_meshforge
 
 # log_every far beyond the run: decisions must not wait for a log step
 ARGS = ["experiments/shakespeare_char.py", "--model.d_model", "32", "--model.n_layers", "1", "--model.n_heads", "2",
@@ -34,15 +33,7 @@ def two_processes(workdir, *extra, faults: tuple[str, str] = ("", "")) -> list[t
 
 def params_at(workdir, step):
     """The parameters of a checkpoint, onto one device (it may have been written by several processes)."""
-    import jax
-
-    path = workdir / "checkpoints" / str(step) / "state"
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with ocp.StandardCheckpointer() as ckpt:
-        meta = ckpt.metadata(path)
-        meta = getattr(meta, "item_metadata", meta)
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
-        return ckpt.restore(path, target)["params"]
+    return checkpoint_state(workdir, step)["params"]
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_exactly(tmp_path):

@@ -6,10 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
-from helpers import TINY, meshforge, mesh_for
+from helpers import TINY, checkpoint_state, meshforge, mesh_for
 from optim.chains import OptimConfig, build_optimizer
 from optim.prune import PruneConfig, mask_update_due, prune, prune_metrics, sparsity_at
 from train.state import model_def, state_shardings
@@ -121,16 +120,6 @@ def test_bad_prune_settings_are_refused_in_one_line(tmp_path):
 TINY_RUN = ["--model.d_model", "32", "--model.n_layers", "1", "--model.n_heads", "2", "--train.seq_len", "16",
             "--train.batch_size", "4", "--train.eval_every", "0", "--train.eval_batches", "2",
             "--train.checkpoint_every", "6", "--train.log_every=1", "--log.progress", "lines"]
-
-
-def checkpoint_state(workdir, step):
-    path = workdir / "checkpoints" / str(step) / "state"
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with ocp.StandardCheckpointer() as ckpt:
-        meta = ckpt.metadata(path)
-        meta = getattr(meta, "item_metadata", meta)
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
-        return jax.device_get(ckpt.restore(path, target))
 
 
 def test_pruned_run_resumes_onto_another_mesh_with_its_masks(tmp_path):
