@@ -76,6 +76,7 @@ def export_run(run: Path, fmt: str, out: Path, step: int | None = None, args=Non
     if edge is not None:
         # the artifact runs on a CPU: compute in what a CPU run computes in, whichever host exports it
         plain = dataclasses.replace(plain, dtype="float32" if plain.dtype == "auto" else plain.dtype)
+        plain, edge = _quantization_aware(plain, edge, m)
         from interop.edge_export import export_edge
         from train.state import model_def
 
@@ -91,6 +92,32 @@ def export_run(run: Path, fmt: str, out: Path, step: int | None = None, args=Non
     export_hf(params, plain, out, hf_config=hf_config, tokenizer_dir=hf_dir, tokenizer=tokenizer,
               vocab_size=loaded.tokenizer.vocab_size if not hf_dir else None)
     return {"step": step, "format": fmt, "out": str(out)}
+
+
+def _quantization_aware(plain, edge, trained):
+    """The model and options an export of a quantization-aware run needs. Without --quantize the artifact fake-
+    quantizes as training did. With --quantize int8 it stores exactly the int8 weights training computed with (the
+    projections model.qat_targets found) and fake-quantizes only the inputs."""
+    import re
+
+    from models.lora import matching_targets
+
+    if trained.qat == "none":
+        return plain, edge
+    if trained.lora_rank:
+        raise UserError("export --format stablehlo|iree: this run trained LoRA adapters under model.qat, and merged "
+                        "weights are not what it trained with; export --format peft, or train without one of them")
+    if not edge.quantize:
+        return plain, edge
+    if trained.qat not in ("int8", "int8_weights"):
+        raise UserError(f"--quantize int8: this run trained with model.qat {trained.qat}; export it without "
+                        "--quantize (the artifact then computes as training did)")
+    if edge.quantize_targets:
+        raise UserError("--quantize-targets: a quantization-aware run quantizes the projections it trained with "
+                        "(model.qat_targets); leave it out")
+    targets = "|".join(re.escape(name) for name in matching_targets(trained.qat_targets))
+    edge = dataclasses.replace(edge, quantize_targets=f"/({targets})$")
+    return dataclasses.replace(plain, qat="int8_inputs" if trained.qat == "int8" else "none"), edge
 
 
 def _remove_partial(out: Path, existed: bool) -> None:

@@ -16,7 +16,7 @@ from parallel.errors import UserError
 # Fields a fine-tuning experiment chooses for itself; everything else in model.* is the pretrained architecture.
 RUN_FIELDS = ("dropout", "scan_layers", "remat", "dtype", "param_dtype", "attention_impl", "loss_chunk",
               "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "moe_capacity_factor", "moe_lb_weight",
-              "moe_z_weight")
+              "moe_z_weight", "qat", "qat_targets")
 
 
 @dataclasses.dataclass

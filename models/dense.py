@@ -25,11 +25,13 @@ from models.quant import fake_quant
 def dense(x: jax.Array, w: jax.Array, n_in: int = 1, out_dtype: jnp.dtype | None = None,
           qat: str | None = None) -> jax.Array:
     """x's last n_in axes contracted with w's first n_in: (..., I...) x (I..., O...) -> (..., O...).
-    out_dtype: the matmul's accumulation and output dtype (None: the operands'). qat: "int8_weights", "int8" or
-    "fp8" (weights and x) fake-quantized for quantization-aware training (models/quant.py)."""
+    out_dtype: the matmul's accumulation and output dtype (None: the operands'). qat: what is fake-quantized for
+    quantization-aware training (models/quant.py): "int8" and "fp8" weights and x, "int8_weights" or "int8_inputs"
+    one of them."""
     if qat:
         qtype = "float8_e4m3fn" if qat == "fp8" else "int8"
-        w = fake_quant(w, tuple(range(n_in)), qtype)
+        if qat != "int8_inputs":
+            w = fake_quant(w, tuple(range(n_in)), qtype)
         if qat != "int8_weights":
             x = fake_quant(x, tuple(range(x.ndim - n_in, x.ndim)), qtype)
     if jax.default_backend() == "cpu":

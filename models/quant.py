@@ -1,4 +1,5 @@
-"""Post-training weight quantization with qwix: int8 weights with one scale per output channel.
+"""Quantization with qwix: int8 weights with one scale per output channel after training (PTQ), and the fake
+quantization of quantization-aware training (`fake_quant`, used by models/dense.py).
 
 A projection weight is quantized with `qwix.quantize` (absmax calibration) over the axes it contracts, keeping a
 scale for every output channel and every stacked layer or expert; `qwix.dequantize` gives the float weight an int8
@@ -14,6 +15,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from models.axes import PROJECTIONS, Axes, contracted_axes
@@ -103,10 +105,20 @@ def quantized_params(params: dict, logical_axes: dict, shardings: Any, qtype: st
 
 
 def fake_quant(x: jax.Array, contracted: tuple[int, ...], qtype: str = "int8") -> jax.Array:
-    """x as `qtype` (int8, float8_e4m3fn) represents it (qwix's absmax, one scale per slice over the `contracted`
+    """x as `qtype` (int8, float8_e4m3fn) represents it (qwix's absmax scale, one per slice over the `contracted`
     axes: per output channel for a weight, per token for an input), with the gradient of the identity
-    (straight-through estimator)."""
+    (straight-through estimator). Computed in float32 whatever x's dtype (a bfloat16 grid is not int8's).
+
+    int8 values are rounded and clipped to [-128, 127] in float, never cast: qwix's scale maps a slice's largest
+    value to 127.5, which rounds to 128, and an int8 cast of 128 saturates under XLA but wraps to -128 under IREE
+    (the same export then flipped the sign of every channel's largest weight). PTQ (quantize_weights) casts on the
+    host under XLA, so both give the same grid."""
     qwix = _qwix()
     keep = tuple(i for i in range(x.ndim) if i not in contracted)
-    q = qwix.dequantize(qwix.quantize(x, qtype, channelwise_axes=keep)).astype(x.dtype)
-    return x + jax.lax.stop_gradient(q - x)
+    x32 = x.astype(jnp.float32)
+    if qtype == "int8":
+        scale = qwix.quantize(x32, qtype, channelwise_axes=keep).scale
+        q = jnp.clip(jnp.round(x32 / scale), -128, 127) * scale
+    else:
+        q = qwix.dequantize(qwix.quantize(x32, qtype, channelwise_axes=keep))
+    return x + jax.lax.stop_gradient(q.astype(x.dtype) - x)

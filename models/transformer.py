@@ -103,7 +103,8 @@ class ModelConfig:
     # with int8 fake-quantized weights ("int8_weights") or weights and inputs ("int8"; per output channel and per
     # token, qwix's absmax numerics), or fp8 (e4m3) weights and inputs ("fp8", what H100/H200 matmuls take), the
     # gradient passing straight through to the float weights.
-    qat: Literal["none", "int8", "int8_weights", "fp8"] = "none"
+    # "int8_inputs" (the inputs only) is what an export of an int8 run uses once its weights are stored as int8.
+    qat: Literal["none", "int8", "int8_weights", "int8_inputs", "fp8"] = "none"
     qat_targets: str = "attn/|mlp/"
     # Tokens per device whose float32 logits the training loss holds at once (models/loss.py); 0: as many as
     # keep one chunk under 256 MiB (2^26 / vocab_size tokens), which never chunks a small vocabulary.
@@ -136,6 +137,12 @@ class ModelConfig:
             re.compile(self.lora_targets)
         except re.error as e:
             raise ValueError(f"model.lora_targets: {self.lora_targets!r} is not a regex ({e})") from None
+        if self.qat not in QAT_MODES:
+            raise ValueError(f"model.qat: {self.qat!r} is not one of {', '.join(QAT_MODES)}")
+        try:
+            re.compile(self.qat_targets)
+        except re.error as e:
+            raise ValueError(f"model.qat_targets: {self.qat_targets!r} is not a regex ({e})") from None
         if self.qat != "none" and importlib.util.find_spec("qwix") is None:
             raise ValueError("model.qat needs qwix: pip install -e '.[edge]'")
         if self.qat != "none" and not matching_targets(self.qat_targets):
@@ -212,8 +219,11 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+QAT_MODES = ("none", "int8", "int8_weights", "int8_inputs", "fp8")
+
+
 def qat_factory(cfg: ModelConfig):
-    """projection name -> its quantization-aware training mode ("int8", "int8_weights"), None when not targeted."""
+    """projection name -> its quantization-aware training mode (ModelConfig.qat), None when not targeted."""
     targets = set(matching_targets(cfg.qat_targets)) if cfg.qat != "none" else set()
     return lambda name: cfg.qat if name in targets else None
 
