@@ -208,8 +208,8 @@ def prune(inner: optax.GradientTransformation, cfg: PruneConfig, logical_axes: A
 
 
 def prune_metrics(opt_state: Any) -> dict[str, jax.Array]:
-    """'sparsity' (zeros over all pruned matrices' weights, size-weighted) and 'sparsity/<path>' per matrix, from
-    the state of a chain holding `prune`; {} when nothing is pruned."""
+    """'sparsity' (zeros over all pruned matrices' weights, size-weighted) and 'sparsity/<path>' per parameter
+    leaf, from the state of a chain holding `prune`; {} when nothing is pruned."""
     is_state = lambda x: isinstance(x, PruneState)  # noqa: E731
     found = [s for s in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(s)]
     if not found:
