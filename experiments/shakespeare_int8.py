@@ -4,7 +4,7 @@
     meshforge train experiments/shakespeare_int8.py
 
 Hardware: a 2-core laptop/VM CPU, as shakespeare_char. Expected (measured on a 2-core AMD EPYC VM):
-validation loss 1.7780 at step 2000 (108 s), against 1.7734 for the dense float32 shakespeare_char (+0.26%) and
+validation loss 1.7780 at step 2000, against 1.7734 for the dense float32 shakespeare_char (+0.26%) and
 1.7734 for shakespeare_char's weights quantized after training (`meshforge eval --quantize int8`, weights only).
 
 The fake quantization uses qwix's numerics (absmax scales; models/quant.py) with a straight-through gradient to the

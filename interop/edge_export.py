@@ -35,9 +35,10 @@ from data.tokenize import eos_id
 from interop.edge_runner import FORMAT_VERSION
 from models.axes import PROJECTIONS
 from models.quant import dequantize_weights, from_arrays, quantize_weights, to_arrays
-from models.transformer import cache_position, compute_dtype, init_cache
+from models.transformer import compute_dtype, init_cache
 from optim.trainable import path_name
 from parallel.errors import UserError
+from train.generate import decode_logits, prefill_logits
 
 IREE_TARGETS = ("llvm-cpu", "vulkan-spirv", "metal-spirv", "cuda")
 
@@ -121,20 +122,14 @@ class EdgeFunctions:
                                                                                            self.dtypes)])
 
     def prefill(self, arrays, tokens_BP, starts_B):
-        B, P = tokens_BP.shape
-        cache = init_cache(self.mdef.cfg, B, self.opts.slots, self.cache_dtype)
-        positions_BP = jnp.maximum(jnp.arange(P)[None, :] - starts_B[:, None], 0)
-        logits_BPV, cache = self.mdef.apply(self._params(arrays), tokens_BP, positions_BT=positions_BP, cache=cache,
-                                            cache_starts_B=starts_B)
-        return logits_BPV[:, -1].astype(jnp.float32), jax.tree.leaves(cache)
+        cache = init_cache(self.mdef.cfg, tokens_BP.shape[0], self.opts.slots, self.cache_dtype)
+        logits_BV, cache = prefill_logits(self.mdef, self._params(arrays), tokens_BP, starts_B, cache)
+        return logits_BV.astype(jnp.float32), jax.tree.leaves(cache)
 
     def decode(self, arrays, token_B, cache_leaves, starts_B):
         cache = jax.tree.unflatten(self.cache_tree, cache_leaves)
-        at = cache_position(cache)
-        logits_B1V, cache = self.mdef.apply(self._params(arrays), token_B[:, None],
-                                            positions_BT=(at - starts_B)[:, None], cache=cache,
-                                            cache_starts_B=starts_B)
-        return logits_B1V[:, 0].astype(jnp.float32), jax.tree.leaves(cache)
+        logits_BV, cache = decode_logits(self.mdef, self._params(arrays), token_B, cache, starts_B)
+        return logits_BV.astype(jnp.float32), jax.tree.leaves(cache)
 
     def pick(self, logits_BV, key_data, temperature, top_k, top_p):
         return pick_traced(logits_BV, key_data, temperature, top_k, top_p, self.vocab_limit)

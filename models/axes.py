@@ -23,12 +23,23 @@ PROJECTIONS = r"/(wq|wkv|wo|wi)_[A-Z0-9]+$"
 STACKED = ("layers", "expert")
 
 
+def n_stacked(axes: Axes) -> int:
+    """How many leading axes of a leaf with these logical names are STACKED (independent matrices)."""
+    n = 0
+    while n < len(axes) and axes[n] in STACKED:
+        n += 1
+    return n
+
+
+def path_name(path) -> str:
+    """A pytree key path as the parameter paths meshforge names everywhere: 'blocks/0/attn/wq_DNH'."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
 def contracted_axes(axes: Axes) -> tuple[int, ...]:
     """The axes a projection weight with these logical names contracts: its first after any stacked ones when
     that is the model width ('embed', D -> ...), else all but the last (... -> D, an output projection)."""
-    stacked = 0
-    while stacked < len(axes) and axes[stacked] in STACKED:
-        stacked += 1
+    stacked = n_stacked(axes)
     if axes[stacked:stacked + 1] == ("embed",) or len(axes) - stacked < 2:
         return (stacked,)
     return tuple(range(stacked, len(axes) - 1))

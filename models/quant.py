@@ -18,10 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.axes import PROJECTIONS, Axes, contracted_axes
-
-QTYPES = ("int8",)
-
+from models.axes import PROJECTIONS, Axes, contracted_axes, path_name
 
 def _qwix():
     try:
@@ -98,7 +95,7 @@ def quantized_params(params: dict, logical_axes: dict, shardings: Any, qtype: st
     """A nested param tree as a weight-only quantized model computes with it (quantize, then dequantize), placed
     with `shardings`: what `meshforge eval --quantize` evaluates."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    names = ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path) for path, _ in flat]
+    names = [path_name(path) for path, _ in flat]
     axes = dict(zip(names, jax.tree.leaves(logical_axes, is_leaf=lambda x: isinstance(x, tuple))))
     weights = dequantize_weights(quantize_weights(dict(zip(names, (v for _, v in flat))), axes, qtype, pattern))
     return jax.device_put(jax.tree_util.tree_unflatten(treedef, [weights[n] for n in names]), shardings)

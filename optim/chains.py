@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from models.axes import n_stacked
 from optim.prune import PruneConfig, prune
 
 
@@ -104,21 +105,11 @@ def stored_as(tx: optax.GradientTransformation, dtype) -> optax.GradientTransfor
     return optax.GradientTransformation(init, update)
 
 
-# Leading logical axes that stack independent tensors in one leaf: the layers of a scanned model, the experts of an
-# MoE block. LAMB's trust ratio belongs to each tensor, so it is taken per slice over these axes.
-STACKED_AXES = ("layers", "expert")
-
-
 def stacked_dims(logical_axes: Any) -> Any:
-    """Per leaf of a pytree of logical-axis tuples, how many leading axes are in STACKED_AXES."""
-
-    def count(axes: tuple) -> int:
-        n = 0
-        while n < len(axes) and axes[n] in STACKED_AXES:
-            n += 1
-        return n
-
-    return jax.tree.map(count, logical_axes, is_leaf=lambda x: isinstance(x, tuple))
+    """Per leaf of a pytree of logical-axis tuples, how many leading axes stack independent tensors (a scanned
+    model's layers, an MoE block's experts: models.axes.STACKED). LAMB's trust ratio belongs to each tensor, so it
+    is taken per slice over these axes."""
+    return jax.tree.map(n_stacked, logical_axes, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def scale_by_stacked_trust_ratio(stacked: Any) -> optax.GradientTransformation:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from models.axes import PROJECTIONS, STACKED, contracted_axes
+from models.axes import PROJECTIONS, contracted_axes, n_stacked, path_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,10 +92,7 @@ def _leaves(logical_axes: Any, cfg: PruneConfig) -> list[_Leaf]:
     flat = jax.tree_util.tree_flatten_with_path(logical_axes, is_leaf=lambda x: isinstance(x, tuple))[0]
     out = []
     for path, axes in flat:
-        name = _name(path)
-        stacked = 0
-        while stacked < len(axes) and axes[stacked] in STACKED:
-            stacked += 1
+        name, stacked = path_name(path), n_stacked(axes)
         target = bool(regex.search(name)) and len(axes) - stacked >= 2
         out.append(_Leaf(name, target, stacked, contracted_axes(axes)[-1]))
     return out
@@ -215,11 +212,8 @@ def prune_metrics(opt_state: Any) -> dict[str, jax.Array]:
     if not found:
         return {}
     state = found[0]
-    sizes = {_name(path): m.size for path, m in jax.tree_util.tree_flatten_with_path(state.masks)[0]}
+    sizes = {path_name(path): m.size for path, m in jax.tree_util.tree_flatten_with_path(state.masks)[0]}
     total = sum(sizes[name] for name in state.sparsity)
     overall = sum(v * sizes[name] for name, v in state.sparsity.items()) / total
     return {"sparsity": overall, **{f"sparsity/{k}": v for k, v in state.sparsity.items()}}
 
-
-def _name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)

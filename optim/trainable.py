@@ -11,11 +11,9 @@ from typing import Any
 
 import jax
 
+from models.axes import path_name  # noqa: F401 - re-exported: callers name paths through here too
+
 Mask = Any  # pytree of bool shaped like the params, or None for "all"
-
-
-def path_name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def trainable_mask(params: Any, pattern: str = "", lora: bool = False) -> Mask:

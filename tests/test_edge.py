@@ -182,10 +182,12 @@ def test_run_exported_prints_what_sample_prints(run, artifacts, sampling, tmp_pa
     no_jax = tmp_path / "nojax" / "jax"
     no_jax.mkdir(parents=True)
     (no_jax / "__init__.py").write_text("raise ImportError('no jax on this device')\n")
-    for name, env in (("stablehlo", None), ("iree", {"PYTHONPATH": f"{no_jax.parent}:{REPO}"})):
-        got = meshforge("run-exported", artifacts[name], *SAMPLE, *sampling, env=env)
+    iree_env = {"PYTHONPATH": f"{no_jax.parent}:{REPO}"}
+    for name, driver, env in (("stablehlo", [], None), ("iree", [], iree_env),
+                              ("iree", ["--driver", "local-task"], iree_env)):
+        got = meshforge("run-exported", artifacts[name], *SAMPLE, *sampling, *driver, env=env)
         assert got.returncode == 0, got.stderr
-        assert got.stdout == want.stdout, name
+        assert got.stdout == want.stdout, (name, driver)
 
 
 def test_pick_traced_matches_the_samplers_rule():

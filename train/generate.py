@@ -62,6 +62,22 @@ def pick(logits_BV: jax.Array, key: jax.Array, s: Sampling, vocab_limit: int) ->
     return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
+def prefill_logits(mdef: ModelDef, params, tokens_BP: jax.Array, starts_B: jax.Array, cache):
+    """The model over left-padded prompts (row b's prompt starts at starts_B[b]) into an empty cache: the last
+    position's logits (B, V) and the filled cache. Shared by Generator and the edge export."""
+    positions_BP = jnp.maximum(jnp.arange(tokens_BP.shape[1])[None, :] - starts_B[:, None], 0)
+    logits_BPV, cache = mdef.apply(params, tokens_BP, positions_BT=positions_BP, cache=cache, cache_starts_B=starts_B)
+    return logits_BPV[:, -1], cache
+
+
+def decode_logits(mdef: ModelDef, params, tok_B: jax.Array, cache, starts_B: jax.Array):
+    """One token per row, written at the cache's next slot: its logits (B, V) and the updated cache."""
+    at = cache_position(cache)
+    logits_B1V, cache = mdef.apply(params, tok_B[:, None], positions_BT=(at - starts_B)[:, None], cache=cache,
+                                   cache_starts_B=starts_B)
+    return logits_B1V[:, 0], cache
+
+
 class Generator:
     """Compiled prefill and decode for one model and its parameter shardings. Call `generate`."""
 
@@ -75,12 +91,8 @@ class Generator:
         self.cache_dtype = cache_dtype or compute_dtype(cfg.dtype)
 
         def prefill(params, tokens_BP, starts_B, slots_like):
-            B, P = tokens_BP.shape
-            cache = init_cache(cfg, B, slots_like.shape[0], self.cache_dtype)
-            positions_BP = jnp.maximum(jnp.arange(P)[None, :] - starts_B[:, None], 0)
-            logits_BPV, cache = mdef.apply(params, tokens_BP, positions_BT=positions_BP, cache=cache,
-                                           cache_starts_B=starts_B)
-            return logits_BPV[:, -1], cache
+            cache = init_cache(cfg, tokens_BP.shape[0], slots_like.shape[0], self.cache_dtype)
+            return prefill_logits(mdef, params, tokens_BP, starts_B, cache)
 
         self._prefill = jax.jit(prefill, in_shardings=(param_shardings, self.rows, self.vec, None))
         self._decoders: dict[Sampling, object] = {}
@@ -104,10 +116,8 @@ class Generator:
                 tok_B = jnp.where(done_B, eos, pick(logits_BV, sub, s, limit))
                 out_BN = out_BN.at[:, i].set(tok_B)
                 done_B = done_B | (tok_B == eos)
-                at = cache_position(cache)  # the slot this token is written to
-                logits_B1V, cache = mdef.apply(params, tok_B[:, None], positions_BT=(at - starts_B)[:, None],
-                                               cache=cache, cache_starts_B=starts_B)
-                return i + 1, cache, logits_B1V[:, 0], done_B, out_BN, key
+                logits_BV, cache = decode_logits(mdef, params, tok_B, cache, starts_B)
+                return i + 1, cache, logits_BV, done_B, out_BN, key
 
             init = (jnp.zeros((), jnp.int32), cache, logits_BV, jnp.zeros((B,), bool),
                     jnp.full((B, N), eos, jnp.int32), key)
