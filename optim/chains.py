@@ -22,7 +22,9 @@ from optim.prune import PruneConfig, prune
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    name: Literal["adamw", "lamb"] = "adamw"
+    # sgd: heavy-ball momentum b1 (0: plain SGD) with weight decay added to the gradient; the inner optimizer of
+    # local SGD / FedAvg (outer section), where averaging replicas equals synchronous training (it is linear)
+    name: Literal["adamw", "lamb", "sgd"] = "adamw"
     lr: float = 1e-3
     b1: float = 0.9
     b2: float = 0.95
@@ -143,6 +145,9 @@ def build_optimizer(cfg: OptimConfig, total_steps: int, logical_axes: Any = None
     mask = lambda params: decay_mask(params, cfg.decay_embeddings)  # noqa: E731
     if cfg.name == "adamw":
         core = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
+    elif cfg.name == "sgd":
+        core = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=mask),
+                           optax.sgd(schedule, momentum=cfg.b1 or None))
     else:
         if logical_axes is None:
             raise ValueError("build_optimizer: LAMB needs the parameters' logical axes (ModelDef.logical_axes()) "

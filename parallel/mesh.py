@@ -16,6 +16,7 @@ from parallel.rules import MESH_AXES
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
+    replica: int = 1  # model replicas (outer.replicas) spread over this many device groups; 1: all on each group
     data: int = -1  # -1: all devices left over by the other axes
     fsdp: int = 1
     tensor: int = 1
@@ -92,13 +93,16 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     n_slices = len({getattr(d, "slice_index", 0) for d in devices})
     if n_slices > 1:
-        # Multi-slice TPU: only the data axis crosses the slow data-centre network between slices.
+        # Multi-slice TPU: only one axis crosses the slow data-centre network between slices: the replica axis of
+        # DiLoCo-style training when there is one (it communicates once a round), otherwise the data axis.
         from jax.experimental import mesh_utils
 
-        if sizes["data"] % n_slices:
-            raise UserError(f"mesh.data ({sizes['data']}) must be a multiple of the {n_slices} TPU slices")
-        ici = (sizes["data"] // n_slices, *shape[1:])
-        dcn = (n_slices,) + (1,) * (len(shape) - 1)
+        across = "replica" if sizes["replica"] > 1 else "data"
+        if sizes[across] % n_slices:
+            raise UserError(f"mesh.{across} ({sizes[across]}) must be a multiple of the {n_slices} TPU slices")
+        at = MESH_AXES.index(across)
+        ici = tuple(n // n_slices if i == at else n for i, n in enumerate(shape))
+        dcn = tuple(n_slices if i == at else 1 for i in range(len(shape)))
         grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
         return Mesh(grid, MESH_AXES, axis_types=auto)
     if devices == jax.devices():
@@ -107,14 +111,19 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """(batch, length) arrays: rows split over every axis the 'batch' rule names."""
+    """(batch, length) arrays: rows split over the replica axis (replica-major: replica r holds the r-th block of
+    rows) and every axis the 'batch' rule names. The model's activations never name the replica axis: inside a
+    replica step it is the vmapped axis (train/rounds.py)."""
     from flax.core import spmd
 
     from parallel.rules import RULES
 
     with spmd.logical_axis_rules(RULES):
         spec = spmd.get_pspec(PartitionSpec("batch", "length"))
-    return NamedSharding(mesh, spec)
+    rows = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
+    if mesh.shape.get("replica", 1) > 1:
+        rows = ("replica", *rows)
+    return NamedSharding(mesh, PartitionSpec(rows or None, *spec[1:]))
 
 
 def batch_divisor(mesh: Mesh) -> int:

@@ -6,7 +6,9 @@ axis this table lacks, or the table names a mesh axis the mesh lacks.
 """
 from __future__ import annotations
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+# `replica` comes first (outermost: across hosts and slices): the independent model copies of DiLoCo / local SGD /
+# federated rounds (train/rounds.py). Plain runs keep it at 1.
+MESH_AXES = ("replica", "data", "fsdp", "tensor", "expert")
 
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # activations. Their feature axes get their own names: an activation's 'embed' must not follow the
@@ -33,6 +35,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("expert", "expert"),
     ("layers", None),  # the stacked-layer axis that nnx.scan adds
     ("lora", None),  # a LoRA adapter's rank: small, replicated; its other axes shard like the weight it adapts
+    ("replica", "replica"),  # the leading axis of per-replica state (parameters, inner optimizer state)
 )
 
 LOGICAL_AXES = frozenset(name for name, _ in RULES)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from data.config import DataConfig
 from models.transformer import ModelConfig
 from optim.chains import OptimConfig
+from optim.outer import OuterConfig
 from optim.prune import PruneConfig
 from parallel.errors import UserError
 from parallel.mesh import MeshConfig
@@ -74,6 +75,7 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     optim: OptimConfig = OptimConfig()
     prune: PruneConfig = PruneConfig()
+    outer: OuterConfig = OuterConfig()  # replicas synchronising every H steps: DiLoCo, local SGD, federated
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     log: LogConfig = LogConfig()

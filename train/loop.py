@@ -23,6 +23,7 @@ from data.loader import process_rows, to_global
 from data.tokenize import save_tokenizer
 from optim import trainable
 from optim.chains import nonfinite_counts
+from optim.outer import STATS
 from parallel.errors import UserError
 from parallel.hosts import agree, barrier
 from parallel.mesh import padded_rows
@@ -60,13 +61,13 @@ def evaluate(setup: Setup, params, eval_step, max_batches: int = 0) -> float:
 
 def window_metrics(fetched: list[dict]) -> dict[str, float]:
     """The step's other metrics (MoE statistics, ...) averaged over the logging window; vectors become one
-    flat key per entry (moe_expert_frac_0, moe_expert_frac_1, ...). Sparsity is a state, not a rate: the
-    window's last value."""
+    flat key per entry (moe_expert_frac_0, moe_expert_frac_1, ...). Sparsity and the figures of the last outer
+    synchronisation are states, not rates: the window's last value."""
     out = {}
     for key in fetched[0]:
         if key in ("loss", "grad_norm", "lr", "tokens", "skipped_steps", "nonfinite_in_a_row", "flags"):
             continue  # logged above, counted by Health, or read by the loop
-        if key.startswith("sparsity"):
+        if key.startswith("sparsity") or key in STATS:
             out[key] = float(fetched[-1][key])
             continue
         mean = np.mean([np.asarray(x[key], np.float64) for x in fetched], axis=0)
@@ -250,7 +251,7 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
             for at, fetched in outputs.drain():  # the steps still in flight belong in the last log row
                 health.check(at, [fetched])
         if log_now or stop:
-            last = rate.row(outputs.take_window(), health)
+            last = {**rate.row(outputs.take_window(), health), **setup.host_metrics(done)}
             metrics.write(done, last)
             progress.update(done, last)
         evaluated = ((tc.eval_every and done % tc.eval_every == 0) or done == tc.steps) and not stop
@@ -269,19 +270,29 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
 
     ckpt.wait()
     ckpt.close()
-    summary = {
-        "name": cfg.name, "steps": tc.steps, "last_step": done, "steps_this_run": done - start, "preempted": stop,
-        "params": n_params, **rate.summary(done - start), "compile_s": round(compiled.seconds, 2),
-        "final_loss": last.get("loss"), "final_val_loss": val_loss,
-        **({"final_sparsity": last["sparsity"]} if "sparsity" in last else {}),
-        **{f"final_{k}": v for k, v in task_scores.items()}, "skipped_steps": last.get("skipped_steps", 0),
-        "devices": jax.device_count(), "processes": jax.process_count(), "platform": jax.devices()[0].platform,
-    }
+    summary = run_summary(cfg, done, start, stop, n_params, last, val_loss, task_scores, rate, compiled)
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps({k: json_value(v) for k, v in summary.items()}, indent=2))
     progress.close()
     progress.log("done: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("name", "platform")))
     return summary
+
+
+# Log-row figures that are totals of the run so far; the summary reports their last value.
+RUN_TOTALS = ("comm_bytes", "sync_comm_bytes", "dp_epsilon")
+
+
+def run_summary(cfg: Config, done: int, start: int, stop: bool, n_params: int, last: dict, val_loss, task_scores,
+                rate: "Throughput", compiled: Compiled) -> dict:
+    return {
+        "name": cfg.name, "steps": cfg.train.steps, "last_step": done, "steps_this_run": done - start,
+        "preempted": stop, "params": n_params, **rate.summary(done - start), "compile_s": round(compiled.seconds, 2),
+        "final_loss": last.get("loss"), "final_val_loss": val_loss,
+        **({"final_sparsity": last["sparsity"]} if "sparsity" in last else {}),
+        **{k: last[k] for k in RUN_TOTALS if k in last},
+        **{f"final_{k}": v for k, v in task_scores.items()}, "skipped_steps": last.get("skipped_steps", 0),
+        "devices": jax.device_count(), "processes": jax.process_count(), "platform": jax.devices()[0].platform,
+    }
 
 
 class Throughput:

@@ -24,13 +24,16 @@ from data.loader import process_rows, to_global
 from data.pipeline import Pipeline, build_pipeline
 from models.attention import why_not_cudnn
 from models.transformer import compute_dtype
+from models.axes import n_stacked
 from optim.chains import build_optimizer
+from optim.outer import replicated
 from optim.prune import PruneError
 from optim.trainable import select
 from parallel.errors import UserError
 from parallel.hosts import StepFlags
 from parallel.mesh import batch_divisor, batch_sharding, make_mesh
 from train.config import Config
+from train.rounds import RoundPlan, make_round_step, round_plan
 from train.state import ModelDef, State, model_def, state_shardings
 from train.step import make_train_step
 
@@ -48,14 +51,23 @@ class Setup:
     shardings: State
     batch_sharding: NamedSharding
     flags: StepFlags
+    rounds: RoundPlan | None = None  # training with replicas (outer section): who trains, bytes per sync
 
     def train_step(self):
         """The jitted train step with this run's shardings (train and bench run this one): (state, batch,
         flags) -> (state, metrics), flags from self.flags.array()."""
         cfg = self.cfg
+        if self.rounds is not None:
+            return make_round_step(self.mdef, self.tx, self.schedule, self.rounds, accum_steps=cfg.optim.accum_steps,
+                                   seed=cfg.train.seed, state_shardings=self.shardings,
+                                   batch_sharding=self.batch_sharding, flags_sharding=self.flags.sharding)
         return make_train_step(self.mdef, self.tx, self.schedule, accum_steps=cfg.optim.accum_steps,
                                seed=cfg.train.seed, state_shardings=self.shardings,
                                batch_sharding=self.batch_sharding, flags_sharding=self.flags.sharding)
+
+    def host_metrics(self, step: int) -> dict:
+        """Figures the host adds to each log row: communication and privacy of a run with replicas."""
+        return self.rounds.host_metrics(step) if self.rounds is not None else {}
 
     def abstract_batch(self) -> dict:
         """Shapes, dtypes and shardings of a global train batch (one host batch is built to read them), so the
@@ -139,12 +151,27 @@ def resolve_model(cfg: Config, vocab_size: int) -> Config:
     return dataclasses.replace(cfg, model=m)
 
 
+def check_replicas(cfg: Config, mesh: Mesh) -> None:
+    replicas, on_mesh = cfg.outer.replicas, mesh.shape["replica"]
+    if on_mesh > 1 and not replicas:
+        raise UserError(f"mesh.replica: {on_mesh} needs outer.replicas (model copies that synchronise every "
+                        "outer.inner_steps); for synchronous training use mesh.data")
+    if replicas and replicas % on_mesh:
+        raise UserError(f"outer.replicas: {replicas} replicas cannot be spread evenly over mesh.replica={on_mesh} "
+                        f"device groups; use a multiple of {on_mesh}")
+
+
 def check_batch(cfg: Config, mesh: Mesh) -> None:
     div = batch_divisor(mesh)
+    size = f"data-parallel size {div}"
+    if cfg.outer.replicas:  # each replica's rows split over its own data-parallel devices
+        within = div // mesh.shape["replica"]
+        div, size = within * cfg.outer.replicas, f"outer.replicas {cfg.outer.replicas} x data-parallel size " \
+                                                  f"{within} per replica"
     per_step = cfg.optim.accum_steps * div
     if cfg.train.batch_size % per_step:
-        what = f"{div} (the data-parallel size)" if cfg.optim.accum_steps == 1 else \
-            f"{per_step} (optim.accum_steps {cfg.optim.accum_steps} x data-parallel size {div})"
+        what = f"{div} ({size})" if cfg.optim.accum_steps == 1 else \
+            f"{per_step} (optim.accum_steps {cfg.optim.accum_steps} x {size})"
         raise UserError(f"train.batch_size: {cfg.train.batch_size} is not divisible by {what}; "
                         f"use a multiple of {per_step}")
 
@@ -161,6 +188,7 @@ def check_objective(cfg: Config) -> None:
 def build(cfg: Config, workdir: Path | None = None) -> Setup:
     check_objective(cfg)
     mesh = make_mesh(cfg.mesh)
+    check_replicas(cfg, mesh)
     check_batch(cfg, mesh)
     tc = cfg.train
     data = build_pipeline(cfg.data, batch_size=tc.batch_size, seq_len=tc.seq_len, seed=tc.seed, workdir=workdir)
@@ -170,14 +198,18 @@ def build(cfg: Config, workdir: Path | None = None) -> Setup:
     if (why := cfg.prune.unreached(cfg.train.steps)) and jax.process_index() == 0:
         print(f"meshforge: warning: {why}", file=sys.stderr, flush=True)
     shardings = state_shardings(tx, mdef, mesh)
-    return Setup(cfg, mesh, data, mdef, tx, schedule, shardings, batch_sharding(mesh), StepFlags(mesh))
+    rounds = round_plan(tx, select(mdef.param_shapes(), mdef.trainable), cfg.train.steps) \
+        if cfg.outer.enabled else None
+    return Setup(cfg, mesh, data, mdef, tx, schedule, shardings, batch_sharding(mesh), StepFlags(mesh), rounds)
 
 
 def optimizer(cfg: Config, mdef: ModelDef) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer chain of a run (optim and prune sections) and its learning-rate schedule."""
     try:
-        tx, schedule = build_optimizer(cfg.optim, cfg.train.steps, select(mdef.logical_axes(), mdef.trainable),
-                                       cfg.prune)
+        axes = select(mdef.logical_axes(), mdef.trainable)
+        tx, schedule = build_optimizer(cfg.optim, cfg.train.steps, axes, cfg.prune)
+        if cfg.outer.enabled:
+            tx = replicated(tx, cfg.outer, jax.tree.map(n_stacked, axes, is_leaf=lambda x: isinstance(x, tuple)))
         jax.eval_shape(tx.init, select(mdef.param_shapes(), mdef.trainable))  # pruning checks its shapes here
     except PruneError as e:
         raise UserError(str(e)) from None
@@ -199,7 +231,8 @@ def check_resumable(cfg: Config, workdir: Path) -> None:
     diff = [f"model.{k}: {saved.get(k)} -> {now[k]}" for k in shape_keys if k in saved and saved[k] != now[k]]
     # The optimizer's state has another structure, and the saved tokenizer would silently win over a new one.
     # (pruning: the masks' pattern and which weights carry them; its schedule may change, but masks never regrow)
-    for section, key in (("optim", "name"), ("prune", "method"), ("prune", "targets"), ("prune", "scope"),
+    for section, key in (("optim", "name"), ("outer", "replicas"), ("outer", "fragments"), ("outer", "optimizer"),
+                         ("prune", "method"), ("prune", "targets"), ("prune", "scope"),
                          ("prune", "n"), ("prune", "m"), ("data", "tokenizer"), ("train", "trainable")):
         old, new = saved_cfg.get(section, {}).get(key), getattr(getattr(cfg, section), key)
         if old is not None and old != new:

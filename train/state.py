@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models.lora import is_adapter_path
 from models.transformer import ModelConfig, Transformer
+from optim.outer import Replicated
 from optim.trainable import path_name, select, trainable_mask
 from parallel.errors import UserError
 from parallel.rules import RULES
@@ -93,9 +94,14 @@ def state_shardings(tx: optax.GradientTransformation, mdef: ModelDef, mesh: Mesh
     """Shardings for the whole state: optimizer moments follow their parameter, scalars are replicated."""
     p_shard = param_shardings(mdef, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_shapes = jax.eval_shape(tx.init, select(mdef.param_shapes(), mdef.trainable))
-    opt_shard = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, select(p_shard, mdef.trainable),
-                                      transform_non_params=lambda _: replicated)
+    shapes = select(mdef.param_shapes(), mdef.trainable)
+    if isinstance(tx, Replicated):  # training with replicas: their copies, inner and outer states
+        from train.rounds import outer_shardings
+
+        opt_shard = outer_shardings(tx, shapes, select(p_shard, mdef.trainable), replicated)
+    else:
+        opt_shard = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, shapes),
+                                          select(p_shard, mdef.trainable), transform_non_params=lambda _: replicated)
     return {"step": replicated, "params": p_shard, "opt_state": opt_shard}
 
 

@@ -29,13 +29,12 @@ def _forward_sums(mdef: ModelDef, params, batch, dropout_key):
     return (*sums, aux)
 
 
-def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
-                    accum_steps: int, seed: int, state_shardings: State, batch_sharding: NamedSharding,
-                    flags_sharding: NamedSharding | None = None) -> Callable:
-    """The jitted step (state, batch) -> (state, metrics). With flags_sharding it takes a third argument, the
-    host flags of parallel.hosts.StepFlags (a row per device, or one replicated row in a single process), and
-    returns their max over the rows as metrics['flags']: every process reads the same decision from the same
-    step, without a host round trip."""
+def train_step_fn(mdef: ModelDef, tx: optax.GradientTransformation, schedule: optax.Schedule, *, accum_steps: int,
+                  seed: int, param_shardings: dict) -> Callable:
+    """The unjitted step (state, batch, replica=None, anchor=None, prox_mu=0) -> (state, metrics).
+
+    train/rounds.py maps it over replicas: `replica` (a traced index) gives each its own dropout stream, and
+    FedProx adds prox_mu (params - anchor) to the gradient (the gradient of prox_mu/2 ||params - anchor||^2)."""
     use_dropout = mdef.cfg.dropout > 0 or (mdef.cfg.lora_rank > 0 and mdef.cfg.lora_dropout > 0)
 
     def loss_sums(params, batch, key):
@@ -51,19 +50,24 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, schedule: 
 
     mask = mdef.trainable  # frozen parameters get no gradient, no optimizer state, no update
 
-    def train_step(state: State, batch: dict) -> tuple[State, dict]:
+    def train_step(state: State, batch: dict, replica=None, anchor=None, prox_mu: float = 0.0
+                   ) -> tuple[State, dict]:
         # Dropout's own stream: nnx.Rngs(params=seed) draws init keys as fold_in(key(seed), i), i = 0, 1, ...,
         # so fold_in(key(seed), step) would reuse them. 0x64726F70 ("drop") is far past any count of init keys.
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0x64726F70), state["step"])
+        if replica is not None:
+            key = jax.random.fold_in(key, replica)
         trained = select(state["params"], mask)
         sums_of = lambda t, b, k: loss_sums(combine(state["params"], t, mask), b, k)  # noqa: E731
         _, weight_sum, sums, grad_sums = accumulate_gradients(sums_of, trained, batch, accum_steps, key)
         # Gradients take their parameter's layout at once: with FSDP the batch-sharded partial sums become a
         # reduce-scatter, and clipping's norm is computed on shards instead of a replicated copy.
-        grad_sums = jax.lax.with_sharding_constraint(grad_sums, select(state_shardings["params"], mask))
+        grad_sums = jax.lax.with_sharding_constraint(grad_sums, select(param_shardings, mask))
         denom = jnp.maximum(weight_sum, 1.0)
         # (in the parameters' dtype: with bfloat16 parameters the optimizer state must keep its dtype)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sums, trained)
+        if prox_mu:
+            grads = jax.tree.map(lambda g, p, a: (g + prox_mu * (p - a)).astype(p.dtype), grads, trained, anchor)
         updates, opt_state = tx.update(grads, state["opt_state"], trained)
         params = combine(state["params"], optax.apply_updates(trained, updates), mask)
         in_a_row, skipped = nonfinite_counts(opt_state)
@@ -74,6 +78,18 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, schedule: 
                    **{k: v / denom for k, v in sums.items()}, **prune_metrics(opt_state)}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
+    return train_step
+
+
+def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
+                    accum_steps: int, seed: int, state_shardings: State, batch_sharding: NamedSharding,
+                    flags_sharding: NamedSharding | None = None) -> Callable:
+    """The jitted step (state, batch) -> (state, metrics). With flags_sharding it takes a third argument, the
+    host flags of parallel.hosts.StepFlags (a row per device, or one replicated row in a single process), and
+    returns their max over the rows as metrics['flags']: every process reads the same decision from the same
+    step, without a host round trip."""
+    train_step = train_step_fn(mdef, tx, schedule, accum_steps=accum_steps, seed=seed,
+                               param_shardings=state_shardings["params"])
     if flags_sharding is None:
         return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
                        out_shardings=(state_shardings, None), donate_argnums=0)

@@ -1,0 +1,145 @@
+"""Training with replicas (optim/outer.py, train/rounds.py): the equivalences that pin the outer step down.
+
+- one replica, H = 1, outer SGD at lr 1 is plain training, bit for bit;
+- local SGD with H = 1 (inner SGD, outer averaging) is synchronous data parallelism within float32 noise;
+- DiLoCo's anchor after a round is Optax's Nesterov step on the mean of independently trained replicas;
+- streaming fragments move only their own pieces; compressed outer gradients round-trip within their step.
+"""
+import dataclasses
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from data.loader import process_rows, to_global
+from helpers import TINY, learnable_batches, mesh_for, train_run
+from models.axes import n_stacked
+from optim.chains import OptimConfig, build_optimizer
+from optim.outer import OuterConfig, compress, decompress, fragments, replicated, sent_bytes
+from parallel.hosts import StepFlags
+from parallel.mesh import batch_sharding
+from parallel.rules import activate
+from train.rounds import make_round_step, round_plan
+from train.state import init_state, model_def, state_shardings
+
+SGD = OptimConfig(name="sgd", lr=0.05, b1=0.9, weight_decay=0.1, warmup_steps=0, schedule="constant", clip_norm=0)
+ADAMW = OptimConfig(warmup_steps=2, lr=3e-3)
+
+
+def replica_run(mesh, batches, outer: OuterConfig, optim=ADAMW, model=TINY, steps_total=100, seed=0,
+                keep: list | None = None):
+    """Final state as numpy, training on `mesh` with replicas, one step per batch (`keep` collects every
+    step's metrics)."""
+    mdef = model_def(model)
+    tx, schedule = build_optimizer(optim, steps_total, mdef.logical_axes())
+    tx = replicated(tx, outer, jax.tree.map(n_stacked, mdef.logical_axes(), is_leaf=lambda x: isinstance(x, tuple)))
+    with activate(mesh):
+        shardings = state_shardings(tx, mdef, mesh)
+        state = init_state(tx, mdef, shardings, seed)
+        bs, flags = batch_sharding(mesh), StepFlags(mesh)
+        plan = round_plan(tx, mdef.param_shapes(), steps_total)
+        step = make_round_step(mdef, tx, schedule, plan, accum_steps=optim.accum_steps, seed=seed,
+                               state_shardings=shardings, batch_sharding=bs, flags_sharding=flags.sharding)
+        for b in batches:
+            n = len(b["inputs"])
+            rows = process_rows(bs, n)
+            state, m = step(state, to_global({k: v[rows] for k, v in b.items()}, bs, n), flags.array())
+            if keep is not None:
+                keep.append(jax.tree.map(np.asarray, m))
+    return jax.tree.map(np.asarray, state)
+
+
+def _assert_trees(got, want, atol, what):
+    for (path, w), g in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(got)):
+        np.testing.assert_allclose(g, w, rtol=0, atol=atol, err_msg=f"{what}{jax.tree_util.keystr(path)}")
+
+
+def test_one_replica_one_step_rounds_are_plain_training():
+    batches = learnable_batches(6, 4, 16)
+    mesh = mesh_for(data=1)
+    plain = train_run(mesh, batches, optim=ADAMW)
+    fedavg = OuterConfig(replicas=1, inner_steps=1, optimizer="sgd", lr=1.0, momentum=0.0)
+    got = replica_run(mesh, batches, fedavg)
+    _assert_trees(got["params"], plain.params, 0, "params")  # bit for bit
+    _assert_trees(got["opt_state"].replicas, jax.tree.map(lambda x: x[None], plain.params), 0, "replicas")
+
+
+def test_local_sgd_with_one_step_rounds_is_synchronous_data_parallel():
+    """Inner SGD with momentum and weight decay is linear in the gradient, so averaging 4 replicas that each took
+    one step on a quarter of the batch is one step on the whole batch (momenta average the same way)."""
+    batches = learnable_batches(6, 8, 16)
+    plain = train_run(mesh_for(data=1), batches, optim=SGD)
+    local = OuterConfig(replicas=4, inner_steps=1, optimizer="sgd", lr=1.0, momentum=0.0)
+    got = replica_run(mesh_for(replica=2, data=1), batches, local, optim=SGD)
+    _assert_trees(got["params"], plain.params, 1e-5, "params")
+    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(plain.params),
+                                                            jax.tree.leaves(plain.init_params)))
+    assert moved > 1e-2  # the comparison is not between two untrained models
+
+
+def test_diloco_round_is_nesterov_on_the_mean_of_independent_replicas():
+    """Two replicas, H = 3: each replica's 3 inner steps (SGD with momentum: AdamW's near-sign updates would turn
+    float32 noise in near-zero gradients into whole steps) reproduced by plain training on its own rows, then
+    Optax's Nesterov SGD applied by hand to anchor - mean(replicas)."""
+    h, batches = 3, learnable_batches(3, 8, 16)
+    cfg = OuterConfig(replicas=2, inner_steps=h, optimizer="nesterov", lr=0.7, momentum=0.9)
+    got = replica_run(mesh_for(replica=2, data=1), batches, cfg, optim=SGD)
+    halves = [train_run(mesh_for(data=1), [{k: v[4 * r:4 * (r + 1)] for k, v in b.items()} for b in batches],
+                        optim=SGD) for r in range(2)]
+    anchor = halves[0].init_params
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, halves[0].params, halves[1].params)
+    outer_grad = jax.tree.map(lambda a, m: a - m, anchor, mean)
+    tx = optax.sgd(0.7, momentum=0.9, nesterov=True)
+    updates, _ = tx.update(outer_grad, tx.init(anchor), anchor)
+    want = optax.apply_updates(anchor, updates)
+    _assert_trees(got["params"], want, 2e-5, "anchor")
+    # every replica restarts from the new anchor; the inner momenta persist (they are not reset), one per replica
+    _assert_trees(got["opt_state"].replicas, jax.tree.map(lambda x: np.stack([x, x]), got["params"]), 0, "restart")
+    momenta = [x for x in jax.tree.leaves(got["opt_state"].inner) if x.dtype == np.float32 and x.ndim > 1]
+    assert momenta and all(x.shape[0] == 2 and np.abs(x[0] - x[1]).max() > 0 for x in momenta)
+
+
+def test_streaming_fragments_sync_on_their_own_schedule():
+    """Two fragments, H = 4: fragment 1 synchronises after step 2, fragment 0 after step 4. After 2 steps only
+    fragment 1's pieces of the anchor have moved, and they hold the mean of the replicas."""
+    model = dataclasses.replace(TINY, scan_layers=True)
+    cfg = OuterConfig(replicas=2, inner_steps=4, fragments=2, optimizer="sgd", lr=1.0, momentum=0.0)
+    batches = learnable_batches(2, 8, 16)
+    keep = []
+    got = replica_run(mesh_for(replica=2, data=1), batches, cfg, model=model, keep=keep)
+    mdef = model_def(model)
+    init = replica_run(mesh_for(replica=2, data=1), [], cfg, model=model)["params"]
+    stacked = jax.tree.leaves(jax.tree.map(n_stacked, mdef.logical_axes(), is_leaf=lambda x: isinstance(x, tuple)))
+    pieces = fragments(jax.tree.leaves(mdef.param_shapes()), stacked, 2)
+    anchor, start = jax.tree.leaves(got["params"]), jax.tree.leaves(init)
+    replicas = jax.tree.leaves(got["opt_state"].replicas)
+    assert any(p.start is not None for p in pieces[1])  # the scanned blocks are split by layer
+    for p in pieces[0]:
+        idx = (slice(None),) if p.start is None else (slice(p.start, None, p.step),)
+        np.testing.assert_array_equal(anchor[p.leaf][idx], start[p.leaf][idx])  # not yet synchronised
+    for p in pieces[1]:
+        idx = (slice(None),) if p.start is None else (slice(p.start, None, p.step),)
+        np.testing.assert_array_equal(replicas[p.leaf][0][idx], anchor[p.leaf][idx])  # restarted from it
+        assert np.abs(anchor[p.leaf][idx] - start[p.leaf][idx]).max() > 0
+    sizes = [sum(np.prod(start[p.leaf].shape) // (1 if p.start is None else start[p.leaf].shape[0] // p.step)
+                 for p in f) for f in pieces]
+    assert abs(sizes[0] - sizes[1]) <= 0.25 * sum(sizes)  # roughly half the values each
+
+
+@pytest.mark.parametrize("send", ["bfloat16", "int8", "int4"])
+def test_compressed_outer_gradients_round_trip(send):
+    x = np.random.default_rng(0).normal(size=(3, 37)).astype(np.float32)  # not a multiple of the block
+    block = 16
+    payload = compress(x, send, block)
+    back = np.asarray(decompress(payload, send, jax.ShapeDtypeStruct(x.shape, np.float32)))
+    nbytes = sum(v.size * v.dtype.itemsize for v in jax.tree.leaves(payload))
+    assert nbytes == sent_bytes(x.size, send, block)  # what is counted is what is sent
+    if send == "bfloat16":
+        np.testing.assert_allclose(back, x, rtol=2 ** -8)
+        return
+    levels = 127 if send == "int8" else 7
+    flat = np.pad(x.ravel(), (0, -x.size % block)).reshape(-1, block)
+    step = np.repeat(np.abs(flat).max(1) / levels, block)[: x.size].reshape(x.shape)
+    assert (np.abs(back - x) <= step / 2 + 1e-7).all()  # within half a quantisation step of its block
+    assert np.abs(back - x).max() > 0
