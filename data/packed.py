@@ -57,6 +57,10 @@ class CorpusSource:
     def val_windows(self, index: np.ndarray) -> Windows:
         return self._windows(self.val, index)
 
+    def train_window_at(self, q: np.ndarray) -> Windows:
+        """Training windows by their id 0..n_train-1, unshuffled (federated clients keep their own order)."""
+        return self._windows(self.train, np.asarray(q, np.int64))
+
 
 def check_task_fits(key: str, task: Task, seq_len: int) -> None:
     longest = task.max_chars + 1  # ASCII: never more tokens than characters, plus <eos>

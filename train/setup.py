@@ -21,12 +21,14 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from data.loader import process_rows, to_global
+from data.partition import federate
 from data.pipeline import Pipeline, build_pipeline
 from models.attention import why_not_cudnn
 from models.transformer import compute_dtype
 from models.axes import n_stacked
 from optim.chains import build_optimizer
 from optim.outer import replicated
+from optim.privacy import epsilons as epsilons_per_round
 from optim.prune import PruneError
 from optim.trainable import select
 from parallel.errors import UserError
@@ -156,6 +158,13 @@ def check_replicas(cfg: Config, mesh: Mesh) -> None:
     if on_mesh > 1 and not replicas:
         raise UserError(f"mesh.replica: {on_mesh} needs outer.replicas (model copies that synchronise every "
                         "outer.inner_steps); for synchronous training use mesh.data")
+    oc = cfg.outer
+    if oc.clients and oc.partition == "dirichlet" and oc.partition_key != "source":
+        raise UserError(f"outer.partition_key: {oc.partition_key!r} is not a key of the data's windows; the Dirichlet "
+                        "partition is over 'source' (the mixture's sources)")
+    if oc.clients and cfg.data.mode != "packed":
+        raise UserError("outer.clients: federated clients need data.mode packed (data.sources or data.path); "
+                        "windows mode reads one text stream")
     if replicas and replicas % on_mesh:
         raise UserError(f"outer.replicas: {replicas} replicas cannot be spread evenly over mesh.replica={on_mesh} "
                         f"device groups; use a multiple of {on_mesh}")
@@ -198,9 +207,28 @@ def build(cfg: Config, workdir: Path | None = None) -> Setup:
     if (why := cfg.prune.unreached(cfg.train.steps)) and jax.process_index() == 0:
         print(f"meshforge: warning: {why}", file=sys.stderr, flush=True)
     shardings = state_shardings(tx, mdef, mesh)
-    rounds = round_plan(tx, select(mdef.param_shapes(), mdef.trainable), cfg.train.steps) \
-        if cfg.outer.enabled else None
+    rounds = None
+    if cfg.outer.enabled:
+        data, rounds = replica_data(cfg, data, tx, select(mdef.param_shapes(), mdef.trainable))
     return Setup(cfg, mesh, data, mdef, tx, schedule, shardings, batch_sharding(mesh), StepFlags(mesh), rounds)
+
+
+def replica_data(cfg: Config, data: Pipeline, tx, shapes: dict) -> tuple[Pipeline, RoundPlan]:
+    """With federated clients, the pipeline that serves each round's clients; and the plan of the rounds: each
+    replica's weight in the mean per round, and the privacy spent after each round."""
+    oc, tc = cfg.outer, cfg.train
+    n_rounds = -(-tc.steps // oc.inner_steps)
+    weights, population = None, oc.replicas
+    if oc.clients:
+        data = federate(data, clients=oc.clients, per_round=oc.replicas, partition=oc.partition, alpha=oc.alpha,
+                        seed=tc.seed, inner_steps=oc.inner_steps, batch_size=tc.batch_size)
+        # under DP every client weighs the same: an example-weighted mean would let one client's weight (its
+        # data size) scale its contribution past the clipping bound
+        weights = data.clients.weights(n_rounds, by_examples=oc.weighting == "examples" and not oc.private)
+        population = oc.clients
+    epsilons = epsilons_per_round(oc.dp_noise, oc.replicas, population, n_rounds, oc.dp_delta) \
+        if oc.private else None
+    return data, round_plan(tx, shapes, tc.steps, weights, epsilons)
 
 
 def optimizer(cfg: Config, mdef: ModelDef) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -1,0 +1,160 @@
+"""Clients for federated rounds: the training windows of a packed pipeline split among N clients, K of them a round.
+
+Partitions (outer.partition), over the training windows of every file or generator source of the mixture:
+- `iid`: all windows shuffled and dealt evenly;
+- `dirichlet`: for each source, client shares q ~ Dirichlet(alpha, ..., alpha) (Hsu et al. 2019); source k's
+  windows, shuffled, are cut in those proportions. Small alpha gives each client nearly one source. Drawn again
+  (a new seed) until every client holds at least one batch of windows;
+- `source`: the natural partition, one client per source.
+
+Round k trains the clients `rounds(k)`: K of N drawn without replacement by a generator seeded with (seed, k),
+replica r serving the r-th. A client continues its own endless stream (its windows in a fresh order each of its
+epochs) from where its last round left it, so a client's data is never replayed early and resuming needs no
+state beyond the step. Everything is a pure function of (seed, step).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from data.loader import Batch, Prefetcher, permute
+from parallel.errors import UserError
+
+CLIENT_SALT = 0xC11E
+
+
+class Clients:
+    """Which windows each client holds and which clients train in each round."""
+
+    def __init__(self, sizes: list[int], n_clients: int, per_round: int, partition: str, alpha: float, seed: int,
+                 min_windows: int):
+        self.n, self.k, self.seed = n_clients, per_round, seed
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.members = self._partition(sizes, partition, alpha, min_windows)
+        self.examples = np.array([len(m) for m in self.members], np.int64)
+        self._rounds: list[np.ndarray] = []
+        self._before: list[np.ndarray] = [np.zeros(n_clients, np.int64)]  # rounds each client trained before k
+
+    def _partition(self, sizes: list[int], partition: str, alpha: float, min_windows: int) -> list[np.ndarray]:
+        ids = [self.offsets[s] + np.arange(n) for s, n in enumerate(sizes)]
+        if partition == "source":
+            if self.n != len(sizes):
+                raise UserError(f"outer.clients: the source partition makes one client per source; set "
+                                f"outer.clients {len(sizes)} (the mixture has {len(sizes)} sources)")
+            return ids
+        for attempt in range(100):
+            rng = np.random.default_rng([self.seed, CLIENT_SALT, attempt])
+            if partition == "iid":
+                return list(np.array_split(rng.permutation(np.concatenate(ids)), self.n))
+            parts: list[list[np.ndarray]] = [[] for _ in range(self.n)]
+            for source_ids in ids:
+                q = rng.dirichlet(np.full(self.n, alpha))
+                cuts = np.round(np.cumsum(q)[:-1] * len(source_ids)).astype(np.int64)
+                for c, chunk in enumerate(np.split(rng.permutation(source_ids), cuts)):
+                    parts[c].append(chunk)
+            members = [np.sort(np.concatenate(p)) for p in parts]
+            if min(len(m) for m in members) >= min_windows:
+                return members
+        raise UserError(f"outer.alpha: {alpha} leaves some of {self.n} clients with fewer than {min_windows} "
+                        f"training windows in 100 draws; raise outer.alpha, lower outer.clients, or add data")
+
+    def rounds(self, k: int) -> np.ndarray:
+        """The K clients of round k (replica r serves the r-th)."""
+        while len(self._rounds) <= k:
+            r = len(self._rounds)
+            chosen = np.random.default_rng([self.seed, CLIENT_SALT, 1, r]).choice(self.n, self.k, replace=False)
+            self._rounds.append(chosen.astype(np.int64))
+            before = self._before[-1].copy()
+            before[chosen] += 1
+            self._before.append(before)
+        return self._rounds[k]
+
+    def rounds_before(self, k: int, client: np.ndarray) -> np.ndarray:
+        self.rounds(k)
+        return self._before[k][client]
+
+    def weights(self, rounds: int, by_examples: bool) -> np.ndarray:
+        """(rounds, K): each replica's share of the mean, by its client's windows or uniform."""
+        out = np.empty((rounds, self.k), np.float64)
+        for k in range(rounds):
+            e = self.examples[self.rounds(k)].astype(np.float64) if by_examples else np.ones(self.k)
+            out[k] = e / e.sum()
+        return out
+
+    def window_ids(self, client: np.ndarray, position: np.ndarray) -> np.ndarray:
+        """Global window ids of each client's position-th sample: its windows in a fresh order per epoch."""
+        out = np.empty(len(client), np.int64)
+        for c in np.unique(client):
+            at = client == c
+            n = len(self.members[c])
+            epoch, j = np.divmod(position[at], n)
+            for e in np.unique(epoch):
+                sel = epoch == e
+                j[sel] = permute(j[sel], n, self.seed, CLIENT_SALT, int(c), int(e))
+            out[at] = self.members[c][j]
+        return out
+
+
+class ClientPipeline:
+    """A packed pipeline whose train rows come from the clients of the current round (eval is unchanged)."""
+
+    def __init__(self, base, clients: Clients, inner_steps: int, batch_size: int, replicas: int):
+        from data.packed import CorpusSource
+
+        if not all(isinstance(s, CorpusSource) for s in base.sources):
+            raise UserError("outer.clients: federated clients partition file or generator sources; synthetic "
+                            "tasks and sft sources have no fixed examples to split")
+        self.base, self.clients, self.h = base, clients, inner_steps
+        self.per_replica = batch_size // replicas
+        self.tokenizer, self.tasks = base.tokenizer, base.tasks
+        self._prefetchers: dict[bytes, Prefetcher] = {}
+
+    def host_batch(self, step: int, rows: np.ndarray) -> Batch:
+        rows = np.asarray(rows, np.int64)
+        replica, i = np.divmod(rows, self.per_replica)
+        k = step // self.h
+        client = self.clients.rounds(k)[replica]
+        position = ((self.clients.rounds_before(k, client) * self.h + step % self.h) * self.per_replica + i)
+        ids = self.clients.window_ids(client, position)
+        source = np.searchsorted(self.clients.offsets, ids, side="right") - 1
+        parts = [(at, self.base.sources[s].train_window_at(ids[at] - self.clients.offsets[s]))
+                 for s in np.unique(source) for at in [np.flatnonzero(source == s)]]
+        from data.packed import _concat
+
+        windows = parts[0][1] if len(parts) == 1 else _concat(parts, len(rows), self.base.seq_len + 1)
+        return self.base.objective(windows, step * (1 << 20) + rows, "train")
+
+    def train_batch(self, step: int, rows: np.ndarray) -> Batch:
+        rows = np.asarray(rows, np.int64)
+        key = rows.tobytes()
+        if key not in self._prefetchers:
+            self._prefetchers[key] = Prefetcher(lambda s, rows=rows: self.host_batch(s, rows), self.base.cfg.prefetch)
+        return self._prefetchers[key].get(step)
+
+    def eval_batches(self, batch_size: int, rows: np.ndarray, max_batches: int = 0) -> Iterator[Batch]:
+        return self.base.eval_batches(batch_size, rows, max_batches)
+
+    def state(self, step: int) -> dict:
+        return {"step": step, "clients": self.clients.n, "per_round": self.clients.k}  # all else follows the step
+
+    def restore(self, state: dict) -> None:
+        for p in self._prefetchers.values():
+            p.close()
+        self._prefetchers.clear()
+
+    def close(self) -> None:
+        self.restore({})
+        self.base.close()
+
+
+def federate(base, *, clients: int, per_round: int, partition: str, alpha: float, seed: int, inner_steps: int,
+             batch_size: int):
+    """`base` (a packed pipeline; train/setup.py checked the mode) with its training rows served by clients."""
+    sizes = [s.n_train for s in base.sources] if all(hasattr(s, "n_train") and s.n_train for s in base.sources) \
+        else None
+    if sizes is None:
+        raise UserError("outer.clients: federated clients partition file or generator sources; synthetic tasks "
+                        "have no fixed examples to split")
+    plan = Clients(sizes, clients, per_round, partition, alpha, seed, min_windows=batch_size // per_round)
+    return ClientPipeline(base, plan, inner_steps, batch_size, per_round)
