@@ -85,6 +85,7 @@ def test_dp_fedavg_run_spends_what_dp_accounting_says(tmp_path):
     (["--outer.replicas", "2", "--outer.dp_clip", "1"], "set outer.dp_noise"),
     (["--outer.replicas", "2", "--outer.clients", "4", "--outer.partition", "dirichlet",
       "--outer.partition_key", "label"], "outer.partition_key: 'label'"),
+    (["--outer.replicas", "2", "--prune.method", "magnitude"], "prune.method: pruning with outer.replicas"),
 ])
 def test_bad_outer_settings_are_one_line_errors(tmp_path, args, message):
     workdir = tmp_path / "run"

@@ -122,9 +122,30 @@ def test_streaming_fragments_sync_on_their_own_schedule():
         idx = (slice(None),) if p.start is None else (slice(p.start, None, p.step),)
         np.testing.assert_array_equal(replicas[p.leaf][0][idx], anchor[p.leaf][idx])  # restarted from it
         assert np.abs(anchor[p.leaf][idx] - start[p.leaf][idx]).max() > 0
-    sizes = [sum(np.prod(start[p.leaf].shape) // (1 if p.start is None else start[p.leaf].shape[0] // p.step)
+    sizes = [sum(start[p.leaf][(slice(None),) if p.start is None else (slice(p.start, None, p.step),)].size
                  for p in f) for f in pieces]
     assert abs(sizes[0] - sizes[1]) <= 0.25 * sum(sizes)  # roughly half the values each
+
+
+def test_communication_totals_count_every_fragment_sync():
+    """Two fragments of H = 4 (syncs after steps 4, 8, 12 and 2, 6, 10), int8 in blocks of 128: the totals after
+    12 steps, counted by hand from the leaf sizes."""
+    mdef = model_def(dataclasses.replace(TINY, scan_layers=True))
+    cfg = OuterConfig(replicas=2, inner_steps=4, fragments=2, send="int8", quant_block=128)
+    tx = replicated(build_optimizer(ADAMW, 100, mdef.logical_axes())[0], cfg,
+                    jax.tree.map(n_stacked, mdef.logical_axes(), is_leaf=lambda x: isinstance(x, tuple)))
+    plan = round_plan(tx, mdef.param_shapes(), 12)
+    shapes = jax.tree.leaves(mdef.param_shapes())
+    per_fragment = []
+    for pieces in tx.fragments(mdef.param_shapes()):
+        sizes = [int(np.prod(shapes[p.leaf].shape)) if p.start is None else
+                 int(np.prod(shapes[p.leaf].shape[1:])) * len(range(p.start, shapes[p.leaf].shape[0], p.step))
+                 for p in pieces]
+        per_fragment.append(sum(-(-n // 128) * (128 + 4) for n in sizes))
+    figures = plan.host_metrics(12)
+    assert figures["comm_bytes"] == 2 * 3 * sum(per_fragment)
+    assert figures["sync_comm_bytes"] == 2 * 12 * 4 * sum(int(np.prod(s.shape)) for s in shapes)
+    assert plan.host_metrics(1)["comm_bytes"] == 0 and plan.host_metrics(2)["comm_bytes"] == 2 * per_fragment[1]
 
 
 @pytest.mark.parametrize("send", ["bfloat16", "int8", "int4"])
@@ -178,6 +199,7 @@ def test_resume_after_sigkill_mid_round_is_exact(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.compat
 def test_two_processes_as_two_replicas_equal_the_simulated_run(tmp_path):
     """Streaming (2 fragments) with 4-bit outer gradients: the int4 payload crosses between the processes."""
     import subprocess

@@ -117,12 +117,25 @@ def bench(cfg: Config, *, steps: int = 20, warmup: int = 3, json_path: str | Non
         "mfu": mfu(tokens_per_s, model_flops, peak, n_dev),
         "memory_per_device": memory_per_device(compiled),
         "collectives": collectives(compiled.as_text()),
+        **({"communication": communication(setup.rounds, tokens_per_step)} if setup.rounds is not None else {}),
     }
     if show:
         print_table(result)
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2))
     return result
+
+
+def communication(plan, tokens_per_step: float) -> dict:
+    """Bytes a run with replicas sends, beside synchronous data parallelism on the same tokens (the payload each
+    replica contributes: its outer gradient once a round, or its gradient every step)."""
+    cfg = plan.cfg
+    per_round = sum(plan.fragment_bytes)
+    per_token = cfg.replicas * per_round / (cfg.inner_steps * tokens_per_step)
+    sync_per_token = cfg.replicas * plan.sync_bytes_per_step / tokens_per_step
+    return {"replicas": cfg.replicas, "inner_steps": cfg.inner_steps, "fragments": cfg.fragments, "send": cfg.send,
+            "bytes_per_replica_per_round": per_round, "bytes_per_token": per_token,
+            "sync_bytes_per_token": sync_per_token, "reduction": sync_per_token / per_token}
 
 
 def _bytes(n: float) -> str:
@@ -164,6 +177,11 @@ def print_table(r: dict) -> None:
         t.add_row("memory per device", f"peak {_bytes(m['peak'])} = arguments {_bytes(m['arguments'])} + outputs "
                                        f"{_bytes(m['outputs'])} - aliased {_bytes(m['aliased'])} + temporaries "
                                        f"{_bytes(m['temporaries'])}")
+    if c := r.get("communication"):
+        t.add_row("replicas", f"{c['replicas']} replicas, a sync every {c['inner_steps']} steps ({c['fragments']} "
+                              f"fragment(s), outer gradients in {c['send']}): {_bytes(c['bytes_per_replica_per_round'])} "
+                              f"per replica per round, {c['bytes_per_token']:,.0f} B/token; synchronous data "
+                              f"parallel: {c['sync_bytes_per_token']:,.0f} B/token ({c['reduction']:.0f}x more)")
     for kind, c in r["collectives"].items():
         if c["count"]:
             t.add_row(kind, f"{c['count']} ops, {_bytes(c['bytes'])} per step")

@@ -154,20 +154,23 @@ def resolve_model(cfg: Config, vocab_size: int) -> Config:
 
 
 def check_replicas(cfg: Config, mesh: Mesh) -> None:
-    replicas, on_mesh = cfg.outer.replicas, mesh.shape["replica"]
-    if on_mesh > 1 and not replicas:
+    """The outer section against the mesh, the data and pruning (before any data is read)."""
+    oc, on_mesh = cfg.outer, mesh.shape["replica"]
+    if on_mesh > 1 and not oc.replicas:
         raise UserError(f"mesh.replica: {on_mesh} needs outer.replicas (model copies that synchronise every "
                         "outer.inner_steps); for synchronous training use mesh.data")
-    oc = cfg.outer
+    if oc.replicas % on_mesh:
+        raise UserError(f"outer.replicas: {oc.replicas} replicas cannot be spread evenly over mesh.replica={on_mesh} "
+                        f"device groups; use a multiple of {on_mesh}")
+    if oc.replicas and cfg.prune.method != "none":
+        raise UserError("prune.method: pruning with outer.replicas is not supported (each replica would choose its "
+                        "own masks, and their mean is sparse under none of them); prune after, with init_from")
     if oc.clients and oc.partition == "dirichlet" and oc.partition_key != "source":
         raise UserError(f"outer.partition_key: {oc.partition_key!r} is not a key of the data's windows; the Dirichlet "
                         "partition is over 'source' (the mixture's sources)")
     if oc.clients and cfg.data.mode != "packed":
         raise UserError("outer.clients: federated clients need data.mode packed (data.sources or data.path); "
                         "windows mode reads one text stream")
-    if replicas and replicas % on_mesh:
-        raise UserError(f"outer.replicas: {replicas} replicas cannot be spread evenly over mesh.replica={on_mesh} "
-                        f"device groups; use a multiple of {on_mesh}")
 
 
 def check_batch(cfg: Config, mesh: Mesh) -> None:
