@@ -31,6 +31,7 @@ from data.tokenize import (SPECIALS, BPETokenizer, ByteTokenizer, CharTokenizer,
 from parallel.errors import UserError
 
 VERSION = 1  # bump when the row format changes: old caches are then rebuilt, never misread
+ROWS_VERSION = 2  # packed rows only (2: each row's first document, for federated label partitions)
 
 
 def log(msg: str) -> None:
@@ -134,6 +135,8 @@ class RowStore:
         self._segments = [np.asarray(c.flatten()).reshape(-1, self.row_len)
                           for c in table.column("segment_ids").chunks]
         self._starts = np.cumsum([0] + [len(c) for c in self._tokens])
+        # the split's document index of each row's first token (federated label partitions)
+        self.first_doc = np.asarray(table.column("first_doc").to_numpy()) if "first_doc" in ds.features else None
 
     def gather(self, rows: np.ndarray, starts: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
         """tokens and segment ids (len(rows), length): row rows[i] from column starts[i]."""
@@ -145,19 +148,34 @@ class RowStore:
             segments[i] = self._segments[c][r, s:s + length]
         return tokens, segments
 
+    def documents_at(self, rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """The split's index of the document holding token starts[i] of row rows[i] (the row's last document
+        where that token is padding): segment ids count documents up from the row's first one."""
+        rows, starts = np.asarray(rows, np.int64), np.asarray(starts, np.int64)
+        out = np.empty(len(rows), np.int64)
+        chunk = np.searchsorted(self._starts, rows, side="right") - 1
+        for c in np.unique(chunk):
+            at = chunk == c
+            seg = self._segments[c][rows[at] - self._starts[c]]
+            seg_at = seg[np.arange(len(seg)), starts[at]]
+            out[at] = self.first_doc[rows[at]] + np.where(seg_at > 0, seg_at, seg.max(1)) - seg[:, 0]
+        return out
 
-def _pack_batch(batch, tokenizer: Tokenizer, pack_len: int):
+
+def _pack_batch(batch, indices, tokenizer: Tokenizer, pack_len: int):
     eos, pad = tokenizer.special_id("<eos>"), tokenizer.special_id("<pad>")
     docs = [np.append(ids, eos).astype(np.int32) for ids in tokenizer.encode_batch(batch["text"])]
     tokens, segments = pack_documents(docs, pack_len, pad)
-    return {"tokens": tokens, "segment_ids": segments}
+    # a row starts inside the stream, never in padding: its first segment id names a document of this batch
+    return {"tokens": tokens, "segment_ids": segments,
+            "first_doc": np.asarray(indices, np.int64)[segments[:, 0] - 1]}
 
 
 def packed_rows(key: str, src: SourceConfig, tokenizer: Tokenizer, pack_len: int, val_fraction: float,
                 root: Path) -> tuple[RowStore, RowStore, dict]:
     """(train rows, validation rows, meta) of a file/generator source: from the cache, or built and cached now."""
     datasets = hf_datasets()
-    settings = {"version": VERSION, "source": source_fingerprint(key, src), "pack_len": pack_len,
+    settings = {"version": ROWS_VERSION, "source": source_fingerprint(key, src), "pack_len": pack_len,
                 "val_fraction": val_fraction}
     tok_fp = fingerprint(tokenizer)
     source_dir = root / "packed" / f"{_slug(src.path)}-{digest(settings)}"
@@ -178,11 +196,13 @@ def packed_rows(key: str, src: SourceConfig, tokenizer: Tokenizer, pack_len: int
     tmp = source_dir / f".build-{uuid.uuid4().hex[:12]}"
     tmp.mkdir(parents=True)
     features = datasets.Features({"tokens": datasets.List(datasets.Value("int32"), length=pack_len + 1),
-                                  "segment_ids": datasets.List(datasets.Value("int32"), length=pack_len + 1)})
+                                  "segment_ids": datasets.List(datasets.Value("int32"), length=pack_len + 1),
+                                  "first_doc": datasets.Value("int64")})
     meta = {"settings": settings, "tokenizer": tok_fp, "tokenizer_kind": tokenizer.kind, "path": src.path}
     try:
         for split, ds in splits.items():
-            packed = ds.map(_pack_batch, batched=True, batch_size=1000, remove_columns=["text"], features=features,
+            packed = ds.map(_pack_batch, batched=True, batch_size=1000, with_indices=True, remove_columns=["text"],
+                            features=features,
                             fn_kwargs={"tokenizer": tokenizer, "pack_len": pack_len},
                             new_fingerprint=f"{digest(settings)}-{tok_fp}-{split}",
                             cache_file_name=str(tmp / f"{split}-map.arrow"))

@@ -28,21 +28,26 @@ class Clients:
     """Which windows each client holds and which clients train in each round."""
 
     def __init__(self, sizes: list[int], n_clients: int, per_round: int, partition: str, alpha: float, seed: int,
-                 min_windows: int):
+                 min_windows: int, labels: np.ndarray | None = None):
+        """sizes: training windows per source; labels: a label id per window (all sources, in order) for a
+        Dirichlet partition over a label instead of the source."""
         self.n, self.k, self.seed = n_clients, per_round, seed
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self.members = self._partition(sizes, partition, alpha, min_windows)
+        self.members = self._partition(sizes, partition, alpha, min_windows, labels)
         self.examples = np.array([len(m) for m in self.members], np.int64)
         self._rounds: list[np.ndarray] = []
         self._before: list[np.ndarray] = [np.zeros(n_clients, np.int64)]  # rounds each client trained before k
 
-    def _partition(self, sizes: list[int], partition: str, alpha: float, min_windows: int) -> list[np.ndarray]:
+    def _partition(self, sizes: list[int], partition: str, alpha: float, min_windows: int,
+                   labels: np.ndarray | None) -> list[np.ndarray]:
         ids = [self.offsets[s] + np.arange(n) for s, n in enumerate(sizes)]
         if partition == "source":
             if self.n != len(sizes):
                 raise UserError(f"outer.clients: the source partition makes one client per source; set "
                                 f"outer.clients {len(sizes)} (the mixture has {len(sizes)} sources)")
             return ids
+        if labels is not None:  # Dirichlet shares per label value instead of per source
+            ids = [np.flatnonzero(labels == v) for v in np.unique(labels)]
         for attempt in range(100):
             rng = np.random.default_rng([self.seed, CLIENT_SALT, attempt])
             if partition == "iid":
@@ -148,13 +153,37 @@ class ClientPipeline:
         self.base.close()
 
 
-def federate(base, *, clients: int, per_round: int, partition: str, alpha: float, seed: int, inner_steps: int,
-             batch_size: int):
-    """`base` (a packed pipeline; train/setup.py checked the mode) with its training rows served by clients."""
+def window_labels(base, field: str) -> np.ndarray:
+    """A label id per training window of every source (in order): the `field` of the JSONL/Parquet record whose
+    document holds the window's first token."""
+    from data.cache import cache_root
+    from data.sources import load_documents, split_documents
+
+    values = []
+    for source, (key, src) in zip(base.sources, base.cfg.source_list()):
+        try:
+            docs = load_documents(key, src, cache_root(base.cfg) / "hf", keep=(field,))
+        except UserError as e:
+            raise UserError(f"outer.partition_key: {field!r} is not a field of every source ({e}); use 'source' or "
+                            "a field all records have") from None
+        train_docs, _ = split_documents(docs, base.cfg.val_fraction, key)
+        per_doc = np.array([str(v) for v in train_docs[field]])
+        q = np.arange(source.n_train)
+        doc = source.train.documents_at(q // source.per_row, (q % source.per_row) * source.seq_len)
+        values.append(per_doc[doc])
+    return np.unique(np.concatenate(values), return_inverse=True)[1]
+
+
+def federate(base, *, clients: int, per_round: int, partition: str, alpha: float, key: str, seed: int,
+             inner_steps: int, batch_size: int):
+    """`base` (a packed pipeline; train/setup.py checked the mode) with its training rows served by clients.
+    key: what the Dirichlet partition splits, "source" or a field of the records."""
     sizes = [s.n_train for s in base.sources] if all(hasattr(s, "n_train") and s.n_train for s in base.sources) \
         else None
     if sizes is None:
         raise UserError("outer.clients: federated clients partition file or generator sources; synthetic tasks "
                         "have no fixed examples to split")
-    plan = Clients(sizes, clients, per_round, partition, alpha, seed, min_windows=batch_size // per_round)
+    labels = window_labels(base, key) if partition == "dirichlet" and key != "source" else None
+    plan = Clients(sizes, clients, per_round, partition, alpha, seed, min_windows=batch_size // per_round,
+                   labels=labels)
     return ClientPipeline(base, plan, inner_steps, batch_size, per_round)

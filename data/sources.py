@@ -12,6 +12,7 @@ import glob
 import hashlib
 import importlib
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -170,10 +171,40 @@ def _generated_documents(fn, field: str):
         yield {"text": item if isinstance(item, str) else item[field]}
 
 
-def load_documents(key: str, src: SourceConfig, hf_cache: Path) -> "datasets.Dataset":
-    """All documents of a file or generator source, as a Dataset with one `text` column; empty ones dropped."""
+def check_field(key: str, src: SourceConfig, field: str, setting: str) -> None:
+    """Refuse, before anything is read in full, a `field` that the source's records lack (the first record of
+    its first file is checked: JSONL or Parquet; other sources have no fields)."""
+    kind = source_kind(src.path)
+    files = resolve_files(key, src.path) if kind == "files" else []
+    suffix = files[0].suffix.lower() if files else ""
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(files[0]).names
+    elif suffix == ".jsonl":
+        with files[0].open(encoding="utf-8") as f:
+            line = next((ln for ln in f if ln.strip()), "{}")
+        try:
+            names = list(json.loads(line))
+        except (json.JSONDecodeError, TypeError):
+            names = []
+    elif suffix == ".json":
+        return  # a JSON array: datasets reads it; load_documents checks the field
+    else:
+        raise UserError(f"{setting}: {field!r} is not a field of {key} ({src.path} has no records with fields); use "
+                        "JSONL or Parquet sources, or partition by source")
+    if field not in names:
+        raise UserError(f"{setting}: {field!r} is not a field of {key} ({files[0].name} has {', '.join(names)})")
+
+
+def load_documents(key: str, src: SourceConfig, hf_cache: Path, keep: tuple[str, ...] = ()) -> "datasets.Dataset":
+    """All documents of a file or generator source, as a Dataset with a `text` column (and the `keep` fields of
+    JSONL/Parquet records); empty ones dropped."""
     datasets = hf_datasets()
     kind = source_kind(src.path)
+    if keep and (kind == "generator" or BUILDERS.get(resolve_files(key, src.path)[0].suffix.lower()) == "text"):
+        raise UserError(f"{key}.path: {src.path} has no fields besides its text (looking for {keep[0]!r}); "
+                        "fields come from JSONL or Parquet records")
     try:
         if kind == "generator":
             fn, _ = _generator_target(key, src.path)
@@ -201,7 +232,10 @@ def load_documents(key: str, src: SourceConfig, hf_cache: Path) -> "datasets.Dat
     if ds.features[column].dtype not in ("string", "large_string"):
         raise UserError(f"{key}.text_field: column {column!r} of {src.path} holds {ds.features[column]}, "
                         "not text; name the text column")
-    ds = ds.select_columns([column])
+    missing = [k for k in keep if k not in ds.column_names]
+    if missing:
+        raise UserError(f"{key}.path: {src.path} has no field {missing[0]!r}; its fields: {', '.join(ds.column_names)}")
+    ds = ds.select_columns([column, *keep])
     if column != "text":
         ds = ds.rename_column(column, "text")
     ds = ds.filter(lambda batch: [bool(t) for t in batch["text"]], batched=True)
@@ -220,6 +254,8 @@ def split_documents(ds: "datasets.Dataset", val_fraction: float, key: str) -> tu
         if cut < 1 or cut >= len(text):
             raise UserError(f"{key}.path: the corpus has only {len(text)} characters, too few to split into train "
                             "and validation")
-        return datasets.Dataset.from_dict({"text": [text[:cut]]}), datasets.Dataset.from_dict({"text": [text[cut:]]})
+        rest = {k: [ds[0][k]] for k in ds.column_names if k != "text"}
+        return (datasets.Dataset.from_dict({"text": [text[:cut]], **rest}),
+                datasets.Dataset.from_dict({"text": [text[cut:]], **rest}))
     n_val = min(n - 1, max(1, round(n * val_fraction)))
     return ds.select(range(n - n_val)), ds.select(range(n - n_val, n))

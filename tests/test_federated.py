@@ -95,3 +95,34 @@ def test_bad_outer_settings_are_one_line_errors(tmp_path, args, message):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert not workdir.exists()
+
+
+def test_dirichlet_over_a_label_field_reads_each_window_s_record(tmp_path):
+    """Records labelled 'x' hold only x and y letters, 'z' records only z: every window's label is that of the
+    record its first token comes from, and alpha 0.1 gives most clients mostly one label."""
+    from data.config import DataConfig
+    from data.packed import PackedPipeline
+    from data.partition import window_labels
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "records.jsonl"
+    with path.open("w") as f:
+        for i in range(400):
+            label = "x" if rng.random() < 0.5 else "z"
+            letters = "xy" if label == "x" else "z"
+            text = "".join(rng.choice(list(letters), rng.integers(5, 60)))
+            f.write(json.dumps({"text": text, "label": label, "id": i}) + "\n")
+    cfg = DataConfig(mode="packed", path=str(path), tokenizer="char", cache_dir=str(tmp_path / "cache"))
+    pipe = PackedPipeline(cfg, batch_size=4, seq_len=16, seed=0)
+    labels = window_labels(pipe, "label")
+    src = pipe.sources[0]
+    assert len(labels) == src.n_train and set(labels) == {0, 1}
+    first = [pipe.tokenizer.decode([t]) for t in src.train_window_at(np.arange(src.n_train)).tokens[:, 0].tolist()]
+    for lab, ch in zip(labels, first):
+        if ch in "xyz":  # (an end-of-document token carries its record's label too)
+            assert lab == (0 if ch in "xy" else 1)
+    def median_top_share(partition):
+        c = Clients([src.n_train], 4, 2, partition, 0.1, seed=0, min_windows=2, labels=labels)
+        return np.median([np.bincount(labels[m], minlength=2).max() / len(m) for m in c.members])
+
+    assert median_top_share("dirichlet") > 0.85 and median_top_share("iid") < 0.65  # skewed by label, not by chance

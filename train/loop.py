@@ -24,7 +24,6 @@ from data.tokenize import save_tokenizer
 from optim import trainable
 from optim.chains import nonfinite_counts
 from optim.outer import STATS
-from parallel.errors import UserError
 from parallel.hosts import agree, barrier
 from parallel.mesh import padded_rows
 from parallel.rules import activate

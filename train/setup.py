@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from data.loader import process_rows, to_global
 from data.partition import federate
 from data.pipeline import Pipeline, build_pipeline
+from data.sources import check_field
 from models.attention import why_not_cudnn
 from models.transformer import compute_dtype
 from models.axes import n_stacked
@@ -165,12 +166,12 @@ def check_replicas(cfg: Config, mesh: Mesh) -> None:
     if oc.replicas and cfg.prune.method != "none":
         raise UserError("prune.method: pruning with outer.replicas is not supported (each replica would choose its "
                         "own masks, and their mean is sparse under none of them); prune after, with init_from")
-    if oc.clients and oc.partition == "dirichlet" and oc.partition_key != "source":
-        raise UserError(f"outer.partition_key: {oc.partition_key!r} is not a key of the data's windows; the Dirichlet "
-                        "partition is over 'source' (the mixture's sources)")
     if oc.clients and cfg.data.mode != "packed":
         raise UserError("outer.clients: federated clients need data.mode packed (data.sources or data.path); "
                         "windows mode reads one text stream")
+    if oc.clients and oc.partition == "dirichlet" and oc.partition_key != "source":
+        for key, src in cfg.data.source_list():
+            check_field(key, src, oc.partition_key, "outer.partition_key")
 
 
 def check_batch(cfg: Config, mesh: Mesh) -> None:
@@ -224,7 +225,7 @@ def replica_data(cfg: Config, data: Pipeline, tx, shapes: dict) -> tuple[Pipelin
     weights, population = None, oc.replicas
     if oc.clients:
         data = federate(data, clients=oc.clients, per_round=oc.replicas, partition=oc.partition, alpha=oc.alpha,
-                        seed=tc.seed, inner_steps=oc.inner_steps, batch_size=tc.batch_size)
+                        key=oc.partition_key, seed=tc.seed, inner_steps=oc.inner_steps, batch_size=tc.batch_size)
         # under DP every client weighs the same: an example-weighted mean would let one client's weight (its
         # data size) scale its contribution past the clipping bound
         weights = data.clients.weights(n_rounds, by_examples=oc.weighting == "examples" and not oc.private)
