@@ -201,6 +201,8 @@ def run(verb: str, argv: list[str]) -> int:
         return 0
     launch = resolve_launch(args.coordinator, args.num_processes, args.process_id) if verb == "train" else None
     rows = cfg.train.batch_size // max(1, cfg.optim.accum_steps)
+    if cfg.outer.replicas:  # the data axis splits each replica's rows; mesh.replica groups hold R / replica each
+        rows = rows * cfg.mesh.replica // cfg.outer.replicas
     processes = launch.num_processes if launch else 1
     configure_cpu_devices(cfg.mesh.cpu_devices or default_cpu_devices(cfg.mesh, rows, processes=processes))
     if verb == "train":

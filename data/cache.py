@@ -155,10 +155,13 @@ class RowStore:
         out = np.empty(len(rows), np.int64)
         chunk = np.searchsorted(self._starts, rows, side="right") - 1
         for c in np.unique(chunk):
-            at = chunk == c
-            seg = self._segments[c][rows[at] - self._starts[c]]
-            seg_at = seg[np.arange(len(seg)), starts[at]]
-            out[at] = self.first_doc[rows[at]] + np.where(seg_at > 0, seg_at, seg.max(1)) - seg[:, 0]
+            at = np.flatnonzero(chunk == c)
+            local, segments = rows[at] - self._starts[c], self._segments[c]
+            seg_at, seg_first = segments[local, starts[at]], segments[local, 0]
+            pad = seg_at == 0
+            if pad.any():  # (only the last row of a packing batch ends in padding)
+                seg_at[pad] = segments[local[pad]].max(1)
+            out[at] = self.first_doc[rows[at]] + seg_at - seg_first
         return out
 
 

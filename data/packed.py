@@ -111,7 +111,7 @@ class TaskSource:
         return self._windows(index, "val")
 
 
-def _concat(parts: list[tuple[np.ndarray, Windows]], n: int, length: int) -> Windows:
+def concat_windows(parts: list[tuple[np.ndarray, Windows]], n: int, length: int) -> Windows:
     out = Windows(np.zeros((n, length), np.int32), np.zeros((n, length), np.int32), np.zeros((n, length), bool))
     for at, w in parts:
         out.tokens[at], out.segment_ids[at], out.loss_mask[at] = w.tokens, w.segment_ids, w.loss_mask
@@ -162,7 +162,7 @@ class PackedPipeline:
         source, index = self.schedule.locate(positions)
         parts = [(at, self.sources[k].train_windows(index[at]))
                  for k in np.unique(source) for at in [np.flatnonzero(source == k)]]
-        windows = parts[0][1] if len(parts) == 1 else _concat(parts, len(positions), self.seq_len + 1)
+        windows = parts[0][1] if len(parts) == 1 else concat_windows(parts, len(positions), self.seq_len + 1)
         return self.objective(windows, positions, "train")
 
     def host_batch(self, step: int, rows: np.ndarray) -> Batch:
@@ -185,7 +185,7 @@ class PackedPipeline:
             source = np.searchsorted(starts, g, side="right") - 1
             parts = [(at, self.sources[k].val_windows(g[at] - starts[k]))
                      for k in np.unique(source) for at in [np.flatnonzero(source == k)]]
-            windows = _concat(parts, len(g), self.seq_len + 1)
+            windows = concat_windows(parts, len(g), self.seq_len + 1)
             batch = self.objective(windows, VAL_POSITION_BASE + g, "val")
             batch["weights"] = batch["weights"] * live[:, None]
             yield batch

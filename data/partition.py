@@ -14,6 +14,7 @@ state beyond the step. Everything is a pure function of (seed, step).
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -22,6 +23,7 @@ from data.loader import Batch, Prefetcher, permute
 from parallel.errors import UserError
 
 CLIENT_SALT = 0xC11E
+PARTITION, ROUND = 1, 2  # a trailing tag, so that no partition draw shares a seed with a round's draw
 
 
 class Clients:
@@ -37,6 +39,7 @@ class Clients:
         self.examples = np.array([len(m) for m in self.members], np.int64)
         self._rounds: list[np.ndarray] = []
         self._before: list[np.ndarray] = [np.zeros(n_clients, np.int64)]  # rounds each client trained before k
+        self._lock = threading.Lock()  # the prefetch thread and the loop both extend the rounds
 
     def _partition(self, sizes: list[int], partition: str, alpha: float, min_windows: int,
                    labels: np.ndarray | None) -> list[np.ndarray]:
@@ -45,13 +48,15 @@ class Clients:
             if self.n != len(sizes):
                 raise UserError(f"outer.clients: the source partition makes one client per source; set "
                                 f"outer.clients {len(sizes)} (the mixture has {len(sizes)} sources)")
-            return ids
+            return self._enough(ids, min_windows, "outer.clients")
+        if partition == "iid":
+            rng = np.random.default_rng([self.seed, CLIENT_SALT, 0, PARTITION])
+            return self._enough(list(np.array_split(rng.permutation(np.concatenate(ids)), self.n)), min_windows,
+                                "outer.clients")
         if labels is not None:  # Dirichlet shares per label value instead of per source
             ids = [np.flatnonzero(labels == v) for v in np.unique(labels)]
         for attempt in range(100):
-            rng = np.random.default_rng([self.seed, CLIENT_SALT, attempt])
-            if partition == "iid":
-                return list(np.array_split(rng.permutation(np.concatenate(ids)), self.n))
+            rng = np.random.default_rng([self.seed, CLIENT_SALT, attempt, PARTITION])
             parts: list[list[np.ndarray]] = [[] for _ in range(self.n)]
             for source_ids in ids:
                 q = rng.dirichlet(np.full(self.n, alpha))
@@ -64,16 +69,26 @@ class Clients:
         raise UserError(f"outer.alpha: {alpha} leaves some of {self.n} clients with fewer than {min_windows} "
                         f"training windows in 100 draws; raise outer.alpha, lower outer.clients, or add data")
 
+    @staticmethod
+    def _enough(members: list[np.ndarray], min_windows: int, setting: str) -> list[np.ndarray]:
+        smallest = min(len(m) for m in members)
+        if smallest < min_windows:
+            raise UserError(f"{setting}: a client holds only {smallest} training windows, fewer than one batch "
+                            f"({min_windows}); use fewer clients or more data")
+        return members
+
     def rounds(self, k: int) -> np.ndarray:
         """The K clients of round k (replica r serves the r-th)."""
-        while len(self._rounds) <= k:
-            r = len(self._rounds)
-            chosen = np.random.default_rng([self.seed, CLIENT_SALT, 1, r]).choice(self.n, self.k, replace=False)
-            self._rounds.append(chosen.astype(np.int64))
-            before = self._before[-1].copy()
-            before[chosen] += 1
-            self._before.append(before)
-        return self._rounds[k]
+        with self._lock:
+            while len(self._rounds) <= k:
+                r = len(self._rounds)
+                rng = np.random.default_rng([self.seed, CLIENT_SALT, r, ROUND])
+                chosen = rng.choice(self.n, self.k, replace=False).astype(np.int64)
+                before = self._before[-1].copy()
+                before[chosen] += 1
+                self._before.append(before)
+                self._rounds.append(chosen)
+            return self._rounds[k]
 
     def rounds_before(self, k: int, client: np.ndarray) -> np.ndarray:
         self.rounds(k)
@@ -125,9 +140,9 @@ class ClientPipeline:
         source = np.searchsorted(self.clients.offsets, ids, side="right") - 1
         parts = [(at, self.base.sources[s].train_window_at(ids[at] - self.clients.offsets[s]))
                  for s in np.unique(source) for at in [np.flatnonzero(source == s)]]
-        from data.packed import _concat
+        from data.packed import concat_windows
 
-        windows = parts[0][1] if len(parts) == 1 else _concat(parts, len(rows), self.base.seq_len + 1)
+        windows = parts[0][1] if len(parts) == 1 else concat_windows(parts, len(rows), self.base.seq_len + 1)
         return self.base.objective(windows, step * (1 << 20) + rows, "train")
 
     def train_batch(self, step: int, rows: np.ndarray) -> Batch:

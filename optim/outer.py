@@ -86,9 +86,19 @@ class OuterConfig:
                              f"({self.replicas}): K = replicas clients train each round")
         if self.alpha <= 0:
             raise ValueError(f"outer.alpha must be positive, got {self.alpha}")
-        if self.replicas and self.fragments > 1 and self.optimizer not in ("nesterov", "sgd"):
-            raise ValueError(f"outer.fragments > 1 needs outer.optimizer nesterov or sgd (Adam's step count would "
-                             f"advance once per fragment), got {self.optimizer}")
+        unused = [f"outer.{k}" for k, on in (("clients", self.clients), ("prox_mu", self.prox_mu),
+                                             ("fragments", self.fragments > 1), ("send", self.send != "float32"),
+                                             ("dp_noise", self.dp_noise)) if on]
+        if unused and not self.replicas:
+            raise ValueError(f"{unused[0]} needs outer.replicas (the model copies that train between syncs); set "
+                             "outer.replicas, or leave the outer section at its defaults for synchronous training")
+        if self.private and not self.clients:
+            raise ValueError("outer.dp_noise needs outer.clients: the privacy unit is a client's data, and without "
+                             "clients a replica's rows are no one's in particular")
+        if self.fragments > 1 and (self.clients or self.private):
+            raise ValueError("outer.fragments > 1 does not combine with federated clients (a fragment's round would "
+                             "span two rounds' clients, and DP would release each client F times a round); use "
+                             "outer.fragments 1")
 
     @property
     def enabled(self) -> bool:
@@ -122,6 +132,8 @@ class OuterState(NamedTuple):
     replicas: Any  # the replicas' trainable parameters, (R, ...)
     outer: tuple  # the outer optimizer's state per fragment, over that fragment's list of pieces
     stats: dict  # figures of the last synchronisation (norms), so every step's metrics can report them
+    secret: jax.Array  # DP: the noise's key data (uint32), drawn from os.urandom at the run's start, never in
+    # the config (with train.seed anyone could regenerate the noise and subtract it); zeros without DP
 
     # The training loop reads the skipped-step counters of build_optimizer's chain from the state; here they
     # count over replicas (a replica's non-finite step is skipped by that replica alone).
@@ -145,14 +157,22 @@ class Replicated(NamedTuple):
     inner: optax.GradientTransformation
     outer: optax.GradientTransformation
     cfg: OuterConfig
-    stacked: Any  # per trainable leaf: how many leading axes stack layers / experts (models.axes.n_stacked)
+    layered: Any  # per trainable leaf: whether its first axis stacks layers (nnx.scan): fragments split it
 
     def fragments(self, shapes: Any) -> list[list[Piece]]:
-        return fragments(jax.tree.leaves(shapes), jax.tree.leaves(self.stacked), self.cfg.fragments)
+        return fragments(jax.tree.leaves(shapes), jax.tree.leaves(self.layered), self.cfg.fragments)
 
 
-def replicated(inner: optax.GradientTransformation, cfg: OuterConfig, stacked: Any) -> Replicated:
-    """`stacked`: a tree like the trainable parameters of stacked-axis counts (0 for a plain leaf)."""
+def layered(logical_axes: Any) -> Any:
+    """True for each leaf whose first logical axis is 'layers' (scanned blocks), from ModelDef.logical_axes()."""
+    return jax.tree.map(lambda axes: bool(axes) and axes[0] == "layers", logical_axes,
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def replicated(inner: optax.GradientTransformation, cfg: OuterConfig, layered: Any,
+               secret: np.ndarray | None = None) -> Replicated:
+    """`layered`: a tree like the trainable parameters of booleans, True where the first axis is 'layers'.
+    `secret`: DP noise key data (uint32[2]) for a new run; a resumed run restores its own."""
     outer = outer_optimizer(cfg)
     r = cfg.replicas
 
@@ -163,12 +183,13 @@ def replicated(inner: optax.GradientTransformation, cfg: OuterConfig, stacked: A
         per_fragment = tuple(outer.init([piece_get(leaves[p.leaf], p).astype(jnp.float32) for p in pieces])
                              for pieces in tx.fragments(params))
         return OuterState(inner=stack(inner.init(params)), replicas=stack(params), outer=per_fragment,
-                          stats={k: jnp.zeros((), jnp.float32) for k in STATS})
+                          stats={k: jnp.zeros((), jnp.float32) for k in STATS},
+                          secret=jnp.asarray(np.zeros(2, np.uint32) if secret is None else secret, jnp.uint32))
 
     def update(*_):
         raise NotImplementedError("a replicated optimizer is stepped by train/rounds.py")
 
-    tx = Replicated(init, update, inner, outer, cfg, stacked)
+    tx = Replicated(init, update, inner, outer, cfg, layered)
     return tx
 
 
@@ -232,19 +253,19 @@ class Piece(NamedTuple):
     step: int = 1
 
 
-def fragments(shapes: list[jax.ShapeDtypeStruct], stacked: list[int], n: int) -> list[list[Piece]]:
+def fragments(shapes: list[jax.ShapeDtypeStruct], layered: list[bool], n: int) -> list[list[Piece]]:
     """Pieces of each of n fragments. A leaf with stacked layers is split by layer (layer l in fragment l mod n,
     strided as in Streaming DiLoCo); other leaves go whole, by turns, to the fragment with the fewest values."""
     if n == 1:
         return [[Piece(i) for i in range(len(shapes))]]
     out: list[list[Piece]] = [[] for _ in range(n)]
     size = [0] * n
-    for i, (s, k) in enumerate(zip(shapes, stacked)):
+    for i, (s, k) in enumerate(zip(shapes, layered)):
         if k and s.shape[0] >= n:
             for f in range(n):
                 out[f].append(Piece(i, f, n))
                 size[f] += math.prod(s.shape) * len(range(f, s.shape[0], n)) // s.shape[0]
-    for i, (s, k) in enumerate(zip(shapes, stacked)):
+    for i, (s, k) in enumerate(zip(shapes, layered)):
         if not (k and s.shape[0] >= n):
             f = int(np.argmin(size))
             out[f].append(Piece(i))

@@ -20,7 +20,7 @@ def test_typed_overrides():
     ("train.steps", "ten", "expects an integer"),
     ("train.steps", "2.5", "expects an integer"),
     ("optim.lr", "fast", "expects a number"),
-    ("optim.name", "sgd", "'adamw', 'lamb'"),
+    ("optim.name", "adam", "'adamw', 'lamb', 'sgd'"),
     ("model.scan_layers", "maybe", "true or false"),
     ("model.n_heads", "3", "divisible"),
     ("train.batch_size", "0", "must be positive"),

@@ -2,6 +2,7 @@
 equal dp-accounting's own figure for the sampling actually done."""
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -77,6 +78,28 @@ def test_dp_fedavg_run_spends_what_dp_accounting_says(tmp_path):
         assert row["client_norm_max"] > clip and row["clipped_norm_max"] <= clip * (1 + 1e-5)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["dp_epsilon"] == rows[-1]["dp_epsilon"]
+
+    # each round's clients start a fresh inner optimizer state (no client's moments reach another's update); the
+    # learning-rate schedule keeps its place
+    from helpers import checkpoint_state
+
+    inner = checkpoint_state(tmp_path / "run")["opt_state"]
+    inner = inner["inner"] if isinstance(inner, dict) else inner.inner
+    leaves = jax.tree_util.tree_flatten_with_path(inner)[0]
+    moments = [x for p, x in leaves if any(getattr(k, "key", getattr(k, "name", "")) in ("mu", "nu") for k in p)]
+    counts = [x for p, x in leaves if "count" in jax.tree_util.keystr(p)]
+    assert moments and all(not np.asarray(x).any() for x in moments)
+    assert any((np.asarray(c) == 6).all() for c in counts)  # the schedule's count after 6 steps
+
+    # the noise comes from the OS, not from train.seed: the same command gives another model
+    r = meshforge("train", "experiments/federated_noniid.py", "--workdir", tmp_path / "again", *TINY,
+                  "--train.steps", "4", "--data.cache_dir", tmp_path / "cache", "--mesh.replica", "2",
+                  "--outer.replicas", per_round, "--outer.clients", clients, "--outer.inner_steps", h,
+                  "--outer.dp_clip", clip, "--outer.dp_noise", noise, devices=2)
+    assert r.returncode == 0, r.stderr
+    again = [json.loads(x) for x in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
+    loss_at = {x["step"]: x["loss"] for x in again if "loss" in x}
+    assert loss_at[2] == rows[0]["loss"] and loss_at[4] != rows[1]["loss"]  # same until the first noise
 
 
 @pytest.mark.parametrize("args, message", [

@@ -14,9 +14,8 @@ import pytest
 
 from data.loader import process_rows, to_global
 from helpers import TINY, learnable_batches, mesh_for, train_run
-from models.axes import n_stacked
 from optim.chains import OptimConfig, build_optimizer
-from optim.outer import OuterConfig, compress, decompress, fragments, replicated, sent_bytes
+from optim.outer import OuterConfig, compress, decompress, fragments, layered, replicated, sent_bytes
 from parallel.hosts import StepFlags
 from parallel.mesh import batch_sharding
 from parallel.rules import activate
@@ -33,7 +32,7 @@ def replica_run(mesh, batches, outer: OuterConfig, optim=ADAMW, model=TINY, step
     step's metrics)."""
     mdef = model_def(model)
     tx, schedule = build_optimizer(optim, steps_total, mdef.logical_axes())
-    tx = replicated(tx, outer, jax.tree.map(n_stacked, mdef.logical_axes(), is_leaf=lambda x: isinstance(x, tuple)))
+    tx = replicated(tx, outer, layered(mdef.logical_axes()))
     with activate(mesh):
         shardings = state_shardings(tx, mdef, mesh)
         state = init_state(tx, mdef, shardings, seed)
@@ -110,7 +109,7 @@ def test_streaming_fragments_sync_on_their_own_schedule():
     got = replica_run(mesh_for(replica=2, data=1), batches, cfg, model=model, keep=keep)
     mdef = model_def(model)
     init = replica_run(mesh_for(replica=2, data=1), [], cfg, model=model)["params"]
-    stacked = jax.tree.leaves(jax.tree.map(n_stacked, mdef.logical_axes(), is_leaf=lambda x: isinstance(x, tuple)))
+    stacked = jax.tree.leaves(layered(mdef.logical_axes()))
     pieces = fragments(jax.tree.leaves(mdef.param_shapes()), stacked, 2)
     anchor, start = jax.tree.leaves(got["params"]), jax.tree.leaves(init)
     replicas = jax.tree.leaves(got["opt_state"].replicas)
@@ -133,7 +132,7 @@ def test_communication_totals_count_every_fragment_sync():
     mdef = model_def(dataclasses.replace(TINY, scan_layers=True))
     cfg = OuterConfig(replicas=2, inner_steps=4, fragments=2, send="int8", quant_block=128)
     tx = replicated(build_optimizer(ADAMW, 100, mdef.logical_axes())[0], cfg,
-                    jax.tree.map(n_stacked, mdef.logical_axes(), is_leaf=lambda x: isinstance(x, tuple)))
+                    layered(mdef.logical_axes()))
     plan = round_plan(tx, mdef.param_shapes(), 12)
     shapes = jax.tree.leaves(mdef.param_shapes())
     per_fragment = []

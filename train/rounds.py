@@ -51,7 +51,7 @@ def outer_shardings(tx: Replicated, shapes: dict, p_shard: dict, replicated: Nam
                                            [shard_leaves[p.leaf] for p in pieces],
                                            transform_non_params=lambda _: replicated))
     return OuterState(inner=jax.tree.map(with_replica, inner), replicas=jax.tree.map(with_replica, p_shard),
-                      outer=tuple(outer), stats={k: replicated for k in STATS})
+                      outer=tuple(outer), stats={k: replicated for k in STATS}, secret=replicated)
 
 
 def _piece_shape(shape: tuple[int, ...], piece: Piece) -> tuple[int, ...]:
@@ -113,7 +113,6 @@ def make_round_step(mdef: ModelDef, tx: Replicated, schedule: optax.Schedule, pl
     fragments = tx.fragments(shapes)
     offsets = sync_offsets(cfg)
     weights = jnp.asarray(plan.weights)
-    noise_key = jax.random.fold_in(jax.random.key(seed), 0x6E6F6973)  # "nois"
 
     def step(state: State, batch: dict, flags_DF: jax.Array) -> tuple[State, dict]:
         os_: OuterState = state["opt_state"]
@@ -136,8 +135,7 @@ def make_round_step(mdef: ModelDef, tx: Replicated, schedule: optax.Schedule, pl
         state = {"step": done, "params": state["params"],
                  "opt_state": os_._replace(inner=inner_R, replicas=params_R)}
         for f, pieces in enumerate(fragments):
-            sync = functools.partial(_sync, cfg=cfg, outer_tx=tx.outer, mask=mask, fragment=f, pieces=pieces,
-                                     weights=weights, noise_key=noise_key, mesh=mesh)
+            sync = functools.partial(_sync, tx=tx, mask=mask, fragment=f, pieces=pieces, weights=weights, mesh=mesh)
             state = jax.lax.cond(done % h == offsets[f], sync, lambda s: s, state)
         return state, {**_reduce(m_R), **state["opt_state"].stats, "flags": flags_DF.max(0)}
 
@@ -154,9 +152,10 @@ def _reduce(m_R: dict) -> dict:
     return {**{k: jnp.mean(v, axis=0) for k, v in m_R.items() if k not in out}, **out}
 
 
-def _sync(state: State, *, cfg: OuterConfig, outer_tx: optax.GradientTransformation, mask, fragment: int, pieces: list[Piece], weights: jax.Array,
-          noise_key: jax.Array, mesh) -> State:
+def _sync(state: State, *, tx: Replicated, mask, fragment: int, pieces: list[Piece], weights: jax.Array,
+          mesh) -> State:
     """The outer step of one fragment: average the replicas' outer gradients, move the anchor, restart them."""
+    cfg = tx.cfg
     os_: OuterState = state["opt_state"]
     anchor_tree = select(state["params"], mask)
     anchor, treedef = jax.tree.flatten(anchor_tree)
@@ -172,11 +171,13 @@ def _sync(state: State, *, cfg: OuterConfig, outer_tx: optax.GradientTransformat
     if cfg.private:
         stats["client_norm_max"] = jnp.max(jax.vmap(optax.tree.norm)(deltas_R))
         deltas_R, _ = clip_each(deltas_R, cfg.dp_clip)
-        stats["clipped_norm_max"] = jnp.max(jax.vmap(optax.tree.norm)(deltas_R))
     if cfg.send != "float32":
         deltas_R = [_sent(d, cfg, mesh) for d in deltas_R]
+        if cfg.private:  # rounding to the nearest level can lengthen a clipped update: clip what arrives
+            deltas_R, _ = clip_each(deltas_R, cfg.dp_clip)
     if cfg.private:
-        key = jax.random.fold_in(noise_key, done)
+        stats["clipped_norm_max"] = jnp.max(jax.vmap(optax.tree.norm)(deltas_R))
+        key = jax.random.fold_in(jax.random.wrap_key_data(os_.secret), done)
         mean = noised_mean([jnp.sum(d, axis=0) for d in deltas_R], key, cfg.dp_clip, cfg.dp_noise, cfg.replicas)
     else:
         mean = [jnp.tensordot(w_R, d, axes=1) for d in deltas_R]
@@ -184,16 +185,30 @@ def _sync(state: State, *, cfg: OuterConfig, outer_tx: optax.GradientTransformat
     if cfg.averages:  # FedAvg / local SGD: the weighted mean of the replicas itself, with no rounding detour
         new_a, outer_f = [jnp.tensordot(w_R, ri, axes=1) for ri in reps], os_.outer[fragment]
     else:
-        updates, outer_f = outer_tx.update(mean, os_.outer[fragment], a)
+        updates, outer_f = tx.outer.update(mean, os_.outer[fragment], a)
         new_a = optax.apply_updates(a, updates)
     for p, value in zip(pieces, new_a):
         anchor[p.leaf] = piece_set(anchor[p.leaf], p, value)
         fresh = jnp.broadcast_to(value, (replicas[p.leaf].shape[0], *value.shape))
         replicas[p.leaf] = piece_set(replicas[p.leaf], p, fresh, axis=1)
     outer = tuple(outer_f if i == fragment else s for i, s in enumerate(os_.outer))
-    params = combine(state["params"], treedef.unflatten(anchor), mask)
-    new_os = os_._replace(replicas=treedef.unflatten(replicas), outer=outer, stats=stats)
-    return {"step": done, "params": params, "opt_state": new_os}
+    anchor_tree = treedef.unflatten(anchor)
+    inner = fresh_inner(tx.inner, anchor_tree, os_.inner) if cfg.clients else os_.inner
+    new_os = os_._replace(inner=inner, replicas=treedef.unflatten(replicas), outer=outer, stats=stats)
+    return {"step": done, "params": combine(state["params"], anchor_tree, mask), "opt_state": new_os}
+
+
+def fresh_inner(inner_tx: optax.GradientTransformation, params, old_R):
+    """A new inner optimizer state for every replica (the next round's clients start their own, as FedAvg's
+    clients do, and no client's moments carry into another's update), keeping the learning-rate schedule's
+    place and the skipped-step counters."""
+    r = jax.tree.leaves(old_R)[0].shape[0]
+    new = jax.tree.map(lambda x: jnp.broadcast_to(x, (r, *x.shape)), inner_tx.init(params))
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    new = jax.tree.map(lambda n, o: o if is_schedule(n) else n, new, old_R, is_leaf=is_schedule)
+    if isinstance(new, optax.ApplyIfFiniteState):
+        new = new._replace(notfinite_count=old_R.notfinite_count, total_notfinite=old_R.total_notfinite)
+    return new
 
 
 def _sent(delta_R: jax.Array, cfg: OuterConfig, mesh) -> jax.Array:

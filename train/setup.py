@@ -17,18 +17,19 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
 from data.loader import process_rows, to_global
 from data.partition import federate
 from data.pipeline import Pipeline, build_pipeline
-from data.sources import check_field
+from data.sources import check_field, source_kind
 from models.attention import why_not_cudnn
 from models.transformer import compute_dtype
-from models.axes import n_stacked
 from optim.chains import build_optimizer
-from optim.outer import replicated
+from optim.outer import layered, replicated
+from optim.privacy import check_installed as check_dp_installed
 from optim.privacy import epsilons as epsilons_per_round
 from optim.prune import PruneError
 from optim.trainable import select
@@ -169,9 +170,19 @@ def check_replicas(cfg: Config, mesh: Mesh) -> None:
     if oc.clients and cfg.data.mode != "packed":
         raise UserError("outer.clients: federated clients need data.mode packed (data.sources or data.path); "
                         "windows mode reads one text stream")
-    if oc.clients and oc.partition == "dirichlet" and oc.partition_key != "source":
-        for key, src in cfg.data.source_list():
-            check_field(key, src, oc.partition_key, "outer.partition_key")
+    if oc.clients:
+        sources = cfg.data.source_list()
+        if cfg.data.objective == "sft" or any(source_kind(src.path) == "synthetic" for _, src in sources):
+            raise UserError("outer.clients: federated clients partition file or generator sources; synthetic tasks "
+                            "and sft examples have no fixed windows to split")
+        if oc.partition == "source" and oc.clients != len(sources):
+            raise UserError(f"outer.clients: the source partition makes one client per source; set outer.clients "
+                            f"{len(sources)} (the mixture has {len(sources)} sources)")
+        if oc.partition == "dirichlet" and oc.partition_key != "source":
+            for key, src in sources:
+                check_field(key, src, oc.partition_key, "outer.partition_key")
+    if oc.private:
+        check_dp_installed()
 
 
 def check_batch(cfg: Config, mesh: Mesh) -> None:
@@ -241,11 +252,22 @@ def optimizer(cfg: Config, mdef: ModelDef) -> tuple[optax.GradientTransformation
         axes = select(mdef.logical_axes(), mdef.trainable)
         tx, schedule = build_optimizer(cfg.optim, cfg.train.steps, axes, cfg.prune)
         if cfg.outer.enabled:
-            tx = replicated(tx, cfg.outer, jax.tree.map(n_stacked, axes, is_leaf=lambda x: isinstance(x, tuple)))
+            tx = replicated(tx, cfg.outer, layered(axes), noise_secret() if cfg.outer.private else None)
         jax.eval_shape(tx.init, select(mdef.param_shapes(), mdef.trainable))  # pruning checks its shapes here
     except PruneError as e:
         raise UserError(str(e)) from None
     return tx, schedule
+
+
+def noise_secret() -> np.ndarray:
+    """Key data for DP noise from the OS's entropy, the same on every process (process 0's); a new run stores it
+    in its state (a resumed run restores its own), and never in config.json."""
+    secret = np.frombuffer(os.urandom(8), np.uint32).copy()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        secret = np.asarray(multihost_utils.broadcast_one_to_all(secret), np.uint32)
+    return secret
 
 
 def check_resumable(cfg: Config, workdir: Path) -> None:
@@ -263,7 +285,9 @@ def check_resumable(cfg: Config, workdir: Path) -> None:
     diff = [f"model.{k}: {saved.get(k)} -> {now[k]}" for k in shape_keys if k in saved and saved[k] != now[k]]
     # The optimizer's state has another structure, and the saved tokenizer would silently win over a new one.
     # (pruning: the masks' pattern and which weights carry them; its schedule may change, but masks never regrow)
+    # (outer: the state's structure, or which client trains which rows in which round)
     for section, key in (("optim", "name"), ("outer", "replicas"), ("outer", "fragments"), ("outer", "optimizer"),
+                         ("outer", "clients"), ("outer", "partition"), ("outer", "alpha"), ("outer", "partition_key"),
                          ("prune", "method"), ("prune", "targets"), ("prune", "scope"),
                          ("prune", "n"), ("prune", "m"), ("data", "tokenizer"), ("train", "trainable")):
         old, new = saved_cfg.get(section, {}).get(key), getattr(getattr(cfg, section), key)
