@@ -2,10 +2,25 @@
 
     meshforge train experiments/federated_noniid.py
     meshforge train experiments/federated_noniid.py --outer.prox_mu 0.01 --workdir runs/federated_fedprox
-    meshforge train experiments/federated_noniid.py --outer.dp_clip 2 --outer.dp_noise 0.05 \
+    meshforge train experiments/federated_noniid.py --outer.dp_clip 2 --outer.dp_noise 0.01 \
         --workdir runs/federated_dp
 
-(RESULTS PENDING)
+Hardware: a 2-core CPU VM (2 virtual XLA devices, 2 clients on each). Data: tinyshakespeare (paragraphs) and three
+generated sources of distinct text (sums, weather reports, stock lines; defined below), packed into 64-token
+windows, char tokenizer. The windows of each source are split among 16 clients in Dirichlet(0.1) proportions, so
+most clients hold mostly one source; each round draws 4 clients without replacement, each runs 25 AdamW steps on
+3 rows of its own windows from a fresh optimizer state, and the server averages the 4 models, weighted by the
+clients' windows (outer SGD at lr 1: FedAvg). 1,000 steps = 40 rounds; the validation split is the whole mixture's.
+
+Measured on a 2-core AMD EPYC VM (validation loss at step 1,000; bytes: each client's upload, all rounds):
+- FedAvg, Dirichlet 0.1 (this file): 1.4590, 0.51 GB sent vs 12.9 GB for synchronous data parallel (25x less)
+- FedProx, --outer.prox_mu 0.01: 1.4651 (no gain over FedAvg here)
+- the same clients split IID (--outer.partition iid): 1.3508, so the non-IID split costs 0.108 nats
+- synchronous training on the same tokens, no clients (--outer.replicas 0 --outer.clients 0 --mesh.replica 1
+  --mesh.data -1): 1.2721; FedAvg costs 0.19 nats over these non-IID clients, 0.08 over IID ones
+- DP-FedAvg, updates clipped to 2, noise multiplier 0.01 on the sum: 1.7729, at epsilon 4.0e5 (delta 1e-5): the
+  noise already costs 0.31 nats while the privacy bought is nil. With 16 clients no noise level gives both; the run
+  shows the mechanism and its accounting, which matter at thousands of clients.
 """
 import dataclasses
 

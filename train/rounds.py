@@ -70,6 +70,7 @@ class RoundPlan:
     weights: np.ndarray
     fragment_bytes: tuple[int, ...]  # bytes one replica sends when fragment f synchronises
     sync_bytes_per_step: int  # bytes one replica's gradient would take in synchronous data parallelism
+    positions_per_step: int = 0  # train.batch_size x train.seq_len: token positions trained per step
     epsilons: np.ndarray | None = None  # DP: epsilon at outer.dp_delta after round k + 1
 
     def host_metrics(self, step: int) -> dict:
@@ -79,13 +80,16 @@ class RoundPlan:
         out = {"comm_bytes": float(cfg.replicas * per_replica),
                "sync_comm_bytes": float(cfg.replicas * step * self.sync_bytes_per_step),
                "rounds": step // h}
+        if self.positions_per_step and step:
+            out["comm_bytes_per_token"] = out["comm_bytes"] / (step * self.positions_per_step)
+            out["sync_comm_bytes_per_token"] = out["sync_comm_bytes"] / (step * self.positions_per_step)
         if self.epsilons is not None and step >= h:
             out["dp_epsilon"] = float(self.epsilons[min(step // h, len(self.epsilons)) - 1])
         return out
 
 
 def round_plan(tx: Replicated, shapes: dict, total_steps: int, weights: np.ndarray | None = None,
-               epsilons: np.ndarray | None = None) -> RoundPlan:
+               epsilons: np.ndarray | None = None, positions_per_step: int = 0) -> RoundPlan:
     cfg = tx.cfg
     leaves = jax.tree.leaves(shapes)
     fragment_bytes = tuple(sum(sent_bytes(piece_size(leaves[p.leaf].shape, p), cfg.send, cfg.quant_block)
@@ -94,7 +98,7 @@ def round_plan(tx: Replicated, shapes: dict, total_steps: int, weights: np.ndarr
     if weights is None:
         rounds = max(1, total_steps // cfg.inner_steps)
         weights = np.full((rounds, cfg.replicas), 1.0 / cfg.replicas, np.float32)
-    return RoundPlan(cfg, np.asarray(weights, np.float32), fragment_bytes, sync, epsilons)
+    return RoundPlan(cfg, np.asarray(weights, np.float32), fragment_bytes, sync, positions_per_step, epsilons)
 
 
 def make_round_step(mdef: ModelDef, tx: Replicated, schedule: optax.Schedule, plan: RoundPlan, *, accum_steps: int,

@@ -243,7 +243,7 @@ def replica_data(cfg: Config, data: Pipeline, tx, shapes: dict) -> tuple[Pipelin
         population = oc.clients
     epsilons = epsilons_per_round(oc.dp_noise, oc.replicas, population, n_rounds, oc.dp_delta) \
         if oc.private else None
-    return data, round_plan(tx, shapes, tc.steps, weights, epsilons)
+    return data, round_plan(tx, shapes, tc.steps, weights, epsilons, positions_per_step=tc.batch_size * tc.seq_len)
 
 
 def optimizer(cfg: Config, mdef: ModelDef) -> tuple[optax.GradientTransformation, optax.Schedule]:
