@@ -61,13 +61,17 @@ def test_dp_fedavg_run_spends_what_dp_accounting_says(tmp_path):
     from dp_accounting.rdp import RdpAccountant
 
     clip, noise, clients, per_round, h = 0.01, 0.7, 8, 2, 2
-    r = meshforge("train", "experiments/federated_noniid.py", "--workdir", tmp_path / "run", *TINY,
-                  "--train.steps", "6", "--data.cache_dir", tmp_path / "cache", "--mesh.replica", "2",
-                  "--outer.replicas", per_round, "--outer.clients", clients, "--outer.inner_steps", h,
-                  "--outer.dp_clip", clip, "--outer.dp_noise", noise, devices=2)
-    assert r.returncode == 0, r.stderr
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    rows = [x for x in rows if "loss" in x]
+
+    def dp_run(name: str, steps: int) -> list[dict]:
+        r = meshforge("train", "experiments/federated_noniid.py", "--workdir", tmp_path / name, *TINY,
+                      "--train.steps", steps, "--data.cache_dir", tmp_path / "cache", "--mesh.replica", "2",
+                      "--outer.replicas", per_round, "--outer.clients", clients, "--outer.inner_steps", h,
+                      "--outer.dp_clip", clip, "--outer.dp_noise", noise, devices=2)
+        assert r.returncode == 0, r.stderr
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [x for x in rows if "loss" in x]
+
+    rows = dp_run("run", 6)
     assert [x["step"] for x in rows] == [2, 4, 6]
     accountant = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
     event = dp_accounting.SampledWithoutReplacementDpEvent(clients, per_round, dp_accounting.GaussianDpEvent(noise))
@@ -92,13 +96,7 @@ def test_dp_fedavg_run_spends_what_dp_accounting_says(tmp_path):
     assert any((np.asarray(c) == 6).all() for c in counts)  # the schedule's count after 6 steps
 
     # the noise comes from the OS, not from train.seed: the same command gives another model
-    r = meshforge("train", "experiments/federated_noniid.py", "--workdir", tmp_path / "again", *TINY,
-                  "--train.steps", "4", "--data.cache_dir", tmp_path / "cache", "--mesh.replica", "2",
-                  "--outer.replicas", per_round, "--outer.clients", clients, "--outer.inner_steps", h,
-                  "--outer.dp_clip", clip, "--outer.dp_noise", noise, devices=2)
-    assert r.returncode == 0, r.stderr
-    again = [json.loads(x) for x in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
-    loss_at = {x["step"]: x["loss"] for x in again if "loss" in x}
+    loss_at = {x["step"]: x["loss"] for x in dp_run("again", 4)}
     assert loss_at[2] == rows[0]["loss"] and loss_at[4] != rows[1]["loss"]  # same until the first noise
 
 
