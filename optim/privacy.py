@@ -45,13 +45,11 @@ def dp_event(noise: float, clients: int, population: int):
 def epsilons(noise: float, clients: int, population: int, rounds: int, delta: float) -> np.ndarray:
     """Epsilon at `delta` after rounds 1..rounds (index r-1), Renyi DP accounting. Renyi DP adds up over
     rounds, so one round's is computed once (composing it again costs the same each time: 0.2 s a round)."""
-    try:
-        import dp_accounting
-        from dp_accounting.rdp import RdpAccountant
-        from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
-    except ImportError:
-        raise UserError("outer.dp_noise: privacy accounting needs dp-accounting; pip install 'meshforge[federated]'") \
-            from None
+    check_installed()
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+    from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+
     accountant = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
     accountant.compose(dp_event(noise, clients, population))
     orders, one_round = np.asarray(accountant._orders), np.asarray(accountant._rdp)  # (no public getter)

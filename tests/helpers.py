@@ -152,6 +152,14 @@ def tree_digest(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+def logged_losses(workdir: Path) -> dict[int, float]:
+    """step -> training loss of every row of a run's metrics.jsonl that has one."""
+    import json
+
+    rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
 def checkpoint_state(workdir: Path, step: int | None = None) -> dict:
     """A checkpoint's whole train state (latest unless `step`) on one device, as plain nested dicts: written by
     any mesh or number of processes. Orbax gives layer keys as strings ('0'), not the model's ints."""

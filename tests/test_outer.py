@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from data.loader import process_rows, to_global
-from helpers import TINY, learnable_batches, mesh_for, train_run
+from helpers import TINY, learnable_batches, logged_losses, mesh_for, train_run
 from optim.chains import OptimConfig, build_optimizer
 from optim.outer import OuterConfig, compress, decompress, fragments, layered, replicated, sent_bytes
 from parallel.hosts import StepFlags
@@ -174,13 +174,6 @@ OUTER = ["train", "experiments/shakespeare_char.py", "--model.d_model", "32", "-
          "--mesh.replica", "2", "--mesh.data", "1", "--outer.replicas", "2", "--outer.inner_steps", "4"]
 
 
-def _losses(workdir):
-    import json
-
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
 def test_resume_after_sigkill_mid_round_is_exact(tmp_path):
     from helpers import checkpoint_state, meshforge
 
@@ -192,7 +185,7 @@ def test_resume_after_sigkill_mid_round_is_exact(tmp_path):
     assert r.returncode != 0
     r = meshforge(*OUTER, "--workdir", killed, devices=2)
     assert r.returncode == 0 and "resuming at step 6" in r.stderr, r.stderr
-    assert _losses(killed) == _losses(straight)
+    assert logged_losses(killed) == logged_losses(straight)
     a, b = checkpoint_state(killed, 12), checkpoint_state(straight, 12)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -218,7 +211,7 @@ def test_two_processes_as_two_replicas_equal_the_simulated_run(tmp_path):
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err
-    got, want = _losses(multi), _losses(simulated)
+    got, want = logged_losses(multi), logged_losses(simulated)
     assert got.keys() == want.keys()
     np.testing.assert_allclose(list(got.values()), list(want.values()), rtol=1e-5)
     a, b = checkpoint_state(multi, 12), checkpoint_state(simulated, 12)

@@ -11,17 +11,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from helpers import logged_losses as losses
 from helpers import meshforge, start_meshforge, tree_digest
 
 EXPERIMENT = "experiments/shakespeare_char.py"
 TINY = ["--model.d_model", "32", "--model.n_layers", "1", "--model.n_heads", "2", "--train.seq_len", "16",
         "--train.batch_size", "4", "--train.eval_every", "0", "--train.eval_batches", "1", "--log.progress", "none",
         "--optim.decay_steps", "1000"]
-
-
-def losses(workdir):
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def final_params(workdir, step):
