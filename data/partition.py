@@ -120,11 +120,9 @@ class ClientPipeline:
     """A packed pipeline whose train rows come from the clients of the current round (eval is unchanged)."""
 
     def __init__(self, base, clients: Clients, inner_steps: int, batch_size: int, replicas: int):
-        from data.packed import CorpusSource
+        from data.packed import concat_windows  # (data.packed imports datasets: only federated runs need it)
 
-        if not all(isinstance(s, CorpusSource) for s in base.sources):
-            raise UserError("outer.clients: federated clients partition file or generator sources; synthetic "
-                            "tasks and sft sources have no fixed examples to split")
+        self._concat = concat_windows
         self.base, self.clients, self.h = base, clients, inner_steps
         self.per_replica = batch_size // replicas
         self.tokenizer, self.tasks = base.tokenizer, base.tasks
@@ -140,9 +138,7 @@ class ClientPipeline:
         source = np.searchsorted(self.clients.offsets, ids, side="right") - 1
         parts = [(at, self.base.sources[s].train_window_at(ids[at] - self.clients.offsets[s]))
                  for s in np.unique(source) for at in [np.flatnonzero(source == s)]]
-        from data.packed import concat_windows
-
-        windows = parts[0][1] if len(parts) == 1 else concat_windows(parts, len(rows), self.base.seq_len + 1)
+        windows = parts[0][1] if len(parts) == 1 else self._concat(parts, len(rows), self.base.seq_len + 1)
         return self.base.objective(windows, step * (1 << 20) + rows, "train")
 
     def train_batch(self, step: int, rows: np.ndarray) -> Batch:
@@ -193,11 +189,7 @@ def federate(base, *, clients: int, per_round: int, partition: str, alpha: float
              inner_steps: int, batch_size: int):
     """`base` (a packed pipeline; train/setup.py checked the mode) with its training rows served by clients.
     key: what the Dirichlet partition splits, "source" or a field of the records."""
-    sizes = [s.n_train for s in base.sources] if all(hasattr(s, "n_train") and s.n_train for s in base.sources) \
-        else None
-    if sizes is None:
-        raise UserError("outer.clients: federated clients partition file or generator sources; synthetic tasks "
-                        "have no fixed examples to split")
+    sizes = [s.n_train for s in base.sources]  # (train/setup.py refused synthetic tasks and sft sources)
     labels = window_labels(base, key) if partition == "dirichlet" and key != "source" else None
     plan = Clients(sizes, clients, per_round, partition, alpha, seed, min_windows=batch_size // per_round,
                    labels=labels)

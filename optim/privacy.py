@@ -44,7 +44,8 @@ def dp_event(noise: float, clients: int, population: int):
 
 def epsilons(noise: float, clients: int, population: int, rounds: int, delta: float) -> np.ndarray:
     """Epsilon at `delta` after rounds 1..rounds (index r-1), Renyi DP accounting. Renyi DP adds up over
-    rounds, so one round's is computed once (composing it again costs the same each time: 0.2 s a round)."""
+    rounds, so one round's is computed once (composing the sampled event again would redo that work every
+    round, the slow part of the accounting)."""
     check_installed()
     import dp_accounting
     from dp_accounting.rdp import RdpAccountant

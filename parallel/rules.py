@@ -35,7 +35,6 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("expert", "expert"),
     ("layers", None),  # the stacked-layer axis that nnx.scan adds
     ("lora", None),  # a LoRA adapter's rank: small, replicated; its other axes shard like the weight it adapts
-    ("replica", "replica"),  # the leading axis of per-replica state (parameters, inner optimizer state)
 )
 
 LOGICAL_AXES = frozenset(name for name, _ in RULES)

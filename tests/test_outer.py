@@ -15,7 +15,8 @@ import pytest
 from data.loader import process_rows, to_global
 from helpers import TINY, learnable_batches, logged_losses, mesh_for, train_run
 from optim.chains import OptimConfig, build_optimizer
-from optim.outer import OuterConfig, compress, decompress, fragments, layered, replicated, sent_bytes
+from optim.outer import (OuterConfig, compress, decompress, fragments, layered, piece_get, replicated,
+                         sent_bytes)
 from parallel.hosts import StepFlags
 from parallel.mesh import batch_sharding
 from parallel.rules import activate
@@ -26,10 +27,8 @@ SGD = OptimConfig(name="sgd", lr=0.05, b1=0.9, weight_decay=0.1, warmup_steps=0,
 ADAMW = OptimConfig(warmup_steps=2, lr=3e-3)
 
 
-def replica_run(mesh, batches, outer: OuterConfig, optim=ADAMW, model=TINY, steps_total=100, seed=0,
-                keep: list | None = None):
-    """Final state as numpy, training on `mesh` with replicas, one step per batch (`keep` collects every
-    step's metrics)."""
+def replica_run(mesh, batches, outer: OuterConfig, optim=ADAMW, model=TINY, steps_total=100, seed=0):
+    """Final state as numpy, training on `mesh` with replicas, one step per batch."""
     mdef = model_def(model)
     tx, schedule = build_optimizer(optim, steps_total, mdef.logical_axes())
     tx = replicated(tx, outer, layered(mdef.logical_axes()))
@@ -43,9 +42,7 @@ def replica_run(mesh, batches, outer: OuterConfig, optim=ADAMW, model=TINY, step
         for b in batches:
             n = len(b["inputs"])
             rows = process_rows(bs, n)
-            state, m = step(state, to_global({k: v[rows] for k, v in b.items()}, bs, n), flags.array())
-            if keep is not None:
-                keep.append(jax.tree.map(np.asarray, m))
+            state, _ = step(state, to_global({k: v[rows] for k, v in b.items()}, bs, n), flags.array())
     return jax.tree.map(np.asarray, state)
 
 
@@ -101,28 +98,28 @@ def test_diloco_round_is_nesterov_on_the_mean_of_independent_replicas():
 
 def test_streaming_fragments_sync_on_their_own_schedule():
     """Two fragments, H = 4: fragment 1 synchronises after step 2, fragment 0 after step 4. After 2 steps only
-    fragment 1's pieces of the anchor have moved, and they hold the mean of the replicas."""
+    fragment 1's pieces of the anchor have moved, to the mean of the two replicas (each reproduced by plain
+    training on its own rows), and the replicas restarted from it."""
     model = dataclasses.replace(TINY, scan_layers=True)
     cfg = OuterConfig(replicas=2, inner_steps=4, fragments=2, optimizer="sgd", lr=1.0, momentum=0.0)
     batches = learnable_batches(2, 8, 16)
-    keep = []
-    got = replica_run(mesh_for(replica=2, data=1), batches, cfg, model=model, keep=keep)
+    got = replica_run(mesh_for(replica=2, data=1), batches, cfg, optim=SGD, model=model)
+    halves = [train_run(mesh_for(data=1), [{k: v[4 * r:4 * (r + 1)] for k, v in b.items()} for b in batches],
+                        model=model, optim=SGD) for r in range(2)]
     mdef = model_def(model)
-    init = replica_run(mesh_for(replica=2, data=1), [], cfg, model=model)["params"]
-    stacked = jax.tree.leaves(layered(mdef.logical_axes()))
-    pieces = fragments(jax.tree.leaves(mdef.param_shapes()), stacked, 2)
-    anchor, start = jax.tree.leaves(got["params"]), jax.tree.leaves(init)
+    pieces = fragments(jax.tree.leaves(mdef.param_shapes()), jax.tree.leaves(layered(mdef.logical_axes())), 2)
+    anchor, start = jax.tree.leaves(got["params"]), jax.tree.leaves(halves[0].init_params)
     replicas = jax.tree.leaves(got["opt_state"].replicas)
+    ends = [jax.tree.leaves(h.params) for h in halves]
     assert any(p.start is not None for p in pieces[1])  # the scanned blocks are split by layer
-    for p in pieces[0]:
-        idx = (slice(None),) if p.start is None else (slice(p.start, None, p.step),)
-        np.testing.assert_array_equal(anchor[p.leaf][idx], start[p.leaf][idx])  # not yet synchronised
+    for p in pieces[0]:  # not yet synchronised
+        np.testing.assert_array_equal(piece_get(anchor[p.leaf], p), piece_get(start[p.leaf], p))
     for p in pieces[1]:
-        idx = (slice(None),) if p.start is None else (slice(p.start, None, p.step),)
-        np.testing.assert_array_equal(replicas[p.leaf][0][idx], anchor[p.leaf][idx])  # restarted from it
-        assert np.abs(anchor[p.leaf][idx] - start[p.leaf][idx]).max() > 0
-    sizes = [sum(start[p.leaf][(slice(None),) if p.start is None else (slice(p.start, None, p.step),)].size
-                 for p in f) for f in pieces]
+        mean = (piece_get(ends[0][p.leaf], p) + piece_get(ends[1][p.leaf], p)) / 2
+        np.testing.assert_allclose(piece_get(anchor[p.leaf], p), mean, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(piece_get(replicas[p.leaf][0], p), piece_get(anchor[p.leaf], p))
+        assert np.abs(piece_get(anchor[p.leaf], p) - piece_get(start[p.leaf], p)).max() > 0
+    sizes = [sum(piece_get(start[p.leaf], p).size for p in f) for f in pieces]
     assert abs(sizes[0] - sizes[1]) <= 0.25 * sum(sizes)  # roughly half the values each
 
 
@@ -189,6 +186,32 @@ def test_resume_after_sigkill_mid_round_is_exact(tmp_path):
     a, b = checkpoint_state(killed, 12), checkpoint_state(straight, 12)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    # the anchor is the model that eval and sample load from a run with replicas
+    import json
+
+    r = meshforge("eval", "--workdir", straight, devices=2)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((straight / "summary.json").read_text())
+    assert json.loads(r.stdout)["val_loss"] == pytest.approx(summary["final_val_loss"], rel=1e-5)
+    r = meshforge("sample", "--workdir", straight, "--prompt", "RO", "--max-new-tokens", "8", "--mesh.replica", "1",
+                  devices=1)  # onto another mesh
+    assert r.returncode == 0 and r.stdout.startswith("RO"), r.stderr
+
+
+def test_bench_prints_the_bytes_beside_synchronous_data_parallel(tmp_path):
+    import json
+
+    from helpers import meshforge
+
+    args = [a for a in OUTER if a != "train"]
+    r = meshforge("bench", *args, "--steps", "2", "--warmup", "1", "--outer.send", "int8",
+                  "--json", tmp_path / "bench.json", devices=2)
+    assert r.returncode == 0, r.stderr
+    c = json.loads((tmp_path / "bench.json").read_text())["communication"]
+    # int8 in blocks of 128 (+ a float32 scale each) once every 4 steps against float32 gradients every step
+    assert c["inner_steps"] == 4 and 4 * 128 / 132 * 4 * 0.9 < c["reduction"] <= 4 * 4
+    assert "replicas" in r.stdout and "synchronous data" in r.stdout
 
 
 @pytest.mark.compat

@@ -96,7 +96,7 @@ def round_plan(tx: Replicated, shapes: dict, total_steps: int, weights: np.ndarr
                                for p in pieces) for pieces in tx.fragments(shapes))
     sync = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves)
     if weights is None:
-        rounds = max(1, total_steps // cfg.inner_steps)
+        rounds = -(-total_steps // cfg.inner_steps)
         weights = np.full((rounds, cfg.replicas), 1.0 / cfg.replicas, np.float32)
     return RoundPlan(cfg, np.asarray(weights, np.float32), fragment_bytes, sync, positions_per_step, epsilons)
 
@@ -173,8 +173,8 @@ def _sync(state: State, *, tx: Replicated, mask, fragment: int, pieces: list[Pie
     w_R = weights[jnp.maximum(round_index, 0)]
     stats = dict(os_.stats)
     if cfg.private:
-        stats["client_norm_max"] = jnp.max(jax.vmap(optax.tree.norm)(deltas_R))
-        deltas_R, _ = clip_each(deltas_R, cfg.dp_clip)
+        deltas_R, norms_R = clip_each(deltas_R, cfg.dp_clip)
+        stats["client_norm_max"] = jnp.max(norms_R)
     if cfg.send != "float32":
         deltas_R = [_sent(d, cfg, mesh) for d in deltas_R]
         if cfg.private:  # rounding to the nearest level can lengthen a clipped update: clip what arrives

@@ -233,16 +233,15 @@ def replica_data(cfg: Config, data: Pipeline, tx, shapes: dict) -> tuple[Pipelin
     replica's weight in the mean per round, and the privacy spent after each round."""
     oc, tc = cfg.outer, cfg.train
     n_rounds = -(-tc.steps // oc.inner_steps)
-    weights, population = None, oc.replicas
+    weights = None
     if oc.clients:
         data = federate(data, clients=oc.clients, per_round=oc.replicas, partition=oc.partition, alpha=oc.alpha,
                         key=oc.partition_key, seed=tc.seed, inner_steps=oc.inner_steps, batch_size=tc.batch_size)
         # under DP every client weighs the same: an example-weighted mean would let one client's weight (its
         # data size) scale its contribution past the clipping bound
         weights = data.clients.weights(n_rounds, by_examples=oc.weighting == "examples" and not oc.private)
-        population = oc.clients
-    epsilons = epsilons_per_round(oc.dp_noise, oc.replicas, population, n_rounds, oc.dp_delta) \
-        if oc.private else None
+    # (DP needs clients: OuterConfig refuses it without)
+    epsilons = epsilons_per_round(oc.dp_noise, oc.replicas, oc.clients, n_rounds, oc.dp_delta) if oc.private else None
     return data, round_plan(tx, shapes, tc.steps, weights, epsilons, positions_per_step=tc.batch_size * tc.seq_len)
 
 
