@@ -264,7 +264,7 @@ def fragments(shapes: list[jax.ShapeDtypeStruct], layered: list[bool], n: int) -
         if k and s.shape[0] >= n:
             for f in range(n):
                 out[f].append(Piece(i, f, n))
-                size[f] += math.prod(s.shape) * len(range(f, s.shape[0], n)) // s.shape[0]
+                size[f] += piece_size(s.shape, Piece(i, f, n))
     for i, (s, k) in enumerate(zip(shapes, layered)):
         if not (k and s.shape[0] >= n):
             f = int(np.argmin(size))
@@ -289,10 +289,14 @@ def piece_set(x: jax.Array, piece: Piece, value: jax.Array, axis: int = 0) -> ja
     return x.at[tuple(index)].set(value.astype(x.dtype))
 
 
-def piece_size(shape: tuple[int, ...], piece: Piece) -> int:
+def piece_shape(shape: tuple[int, ...], piece: Piece) -> tuple[int, ...]:
     if piece.start is None:
-        return math.prod(shape)
-    return math.prod(shape[1:]) * len(range(piece.start, shape[0], piece.step))
+        return tuple(shape)
+    return (len(range(piece.start, shape[0], piece.step)), *shape[1:])
+
+
+def piece_size(shape: tuple[int, ...], piece: Piece) -> int:
+    return math.prod(piece_shape(shape, piece))
 
 
 def sync_offsets(cfg: OuterConfig) -> list[int]:

@@ -24,7 +24,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from optim.outer import (STATS, OuterConfig, OuterState, Piece, Replicated, compress, decompress, piece_get,
-                         piece_set, piece_size, sent_bytes, sync_offsets, syncs_through)
+                         piece_set, piece_shape, piece_size, sent_bytes, sync_offsets, syncs_through)
 from optim.privacy import clip_each, noised_mean
 from optim.trainable import combine, select
 from train.state import ModelDef, State
@@ -45,19 +45,13 @@ def outer_shardings(tx: Replicated, shapes: dict, p_shard: dict, replicated: Nam
     leaves, shard_leaves = jax.tree.leaves(shapes), jax.tree.leaves(p_shard)
     outer = []
     for pieces in tx.fragments(shapes):
-        piece_shapes = [jax.ShapeDtypeStruct(_piece_shape(leaves[p.leaf].shape, p), jnp.float32)
+        piece_shapes = [jax.ShapeDtypeStruct(piece_shape(leaves[p.leaf].shape, p), jnp.float32)
                         for p in pieces]
         outer.append(optax.tree_map_params(tx.outer, lambda _, s: s, jax.eval_shape(tx.outer.init, piece_shapes),
                                            [shard_leaves[p.leaf] for p in pieces],
                                            transform_non_params=lambda _: replicated))
     return OuterState(inner=jax.tree.map(with_replica, inner), replicas=jax.tree.map(with_replica, p_shard),
                       outer=tuple(outer), stats={k: replicated for k in STATS}, secret=replicated)
-
-
-def _piece_shape(shape: tuple[int, ...], piece: Piece) -> tuple[int, ...]:
-    if piece.start is None:
-        return shape
-    return (len(range(piece.start, shape[0], piece.step)), *shape[1:])
 
 
 @dataclasses.dataclass(frozen=True)
