@@ -21,6 +21,11 @@ class TrainingHalted(Exception):
     """The run stopped itself on purpose (non-finite steps under the configured policy); not a bug."""
 
 
+class RunStopped(Exception):
+    """Raised by a caller's `on_eval` hook (train.loop.train) to end the run after an evaluation: a sweep pruning a
+    trial. Checkpoint writes in flight finish before it reaches the caller."""
+
+
 class Health:
     def __init__(self, cfg: TrainConfig, skipped_at_start: int, log: Callable[[str], None],
                  last_checkpoint: Callable[[], int | None]):

@@ -32,7 +32,7 @@ from train.checkpoint import Checkpointer, has_checkpoints, latest_committed_ste
 from train.config import Config
 from train.faults import Faults
 from train.fit import check_state_fits, check_step_fits
-from train.health import Health, TrainingHalted
+from train.health import Health, RunStopped, TrainingHalted
 from train.metrics import MetricsWriter, Progress, json_value
 from train.preemption import PreemptionGuard
 from train.setup import Setup, build, check_resumable, compile_timed
@@ -128,13 +128,16 @@ class Compiled(NamedTuple):
     step: Any  # the compiled train step
     seconds: float  # its compile time
     started: float  # perf_counter() when the command started: wall and start-up times count from there
+    on_eval: Callable[[int, float], None] | None = None  # train()'s hook, called after each evaluation
 
 
 def train(cfg: Config, workdir: Path, fresh: bool = False, initial: Callable | None = None,
-          started: float | None = None) -> dict:
+          started: float | None = None, on_eval: Callable[[int, float], None] | None = None) -> dict:
     """Train (or resume) the run of `cfg` in `workdir`. `initial(mdef, param_shardings)` gives pretrained
     parameters for a new run (train.init_from; interop.pretrained). `started`: perf_counter() at the command's
-    start (the CLI's process start), for the summary's wall_s and startup_s; by default, this call."""
+    start (the CLI's process start), for the summary's wall_s and startup_s; by default, this call.
+    `on_eval(step, val_loss)` is called on every process after each evaluation; it may raise RunStopped (or a
+    subclass) to end the run there."""
     started = time.perf_counter() if started is None else started
     workdir = Path(workdir)
     resuming = has_checkpoints(workdir / "checkpoints") and not fresh
@@ -158,7 +161,7 @@ def train(cfg: Config, workdir: Path, fresh: bool = False, initial: Callable | N
         if fresh:
             barrier("fresh")  # no process lists the workdir before the archive move is done
         start = target if resuming else (lambda sh: initial(setup.mdef, sh)) if initial else None
-        return _train(setup, workdir, start, Compiled(step, seconds, started))
+        return _train(setup, workdir, start, Compiled(step, seconds, started, on_eval))
     except Exception as e:
         if is_storage_failure(e):
             raise storage_error(workdir, e, latest_committed_step(workdir / "checkpoints")) from None
@@ -193,7 +196,7 @@ def _train(setup: Setup, workdir: Path, start, compiled: Compiled) -> dict:
         metrics = MetricsWriter(workdir, enabled=jax.process_index() == 0, tensorboard=cfg.log.tensorboard)
         try:
             return _loop(setup, workdir, state, start, ckpt, metrics, preemption, compiled)
-        except TrainingHalted:
+        except (TrainingHalted, RunStopped):
             # Every process halts at the same step: finish the saves in flight together, so that no process is
             # left waiting in a multi-host save's barrier for a peer that already exited.
             ckpt.wait()
@@ -217,7 +220,7 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
     progress.log(f"compiled the train step in {compiled.seconds:.1f}s")
 
     rate = Throughput(cfg.model, tc.seq_len, compiled.started)
-    evaluations = Evaluations(setup, metrics, progress, rate)
+    evaluations = Evaluations(setup, metrics, progress, rate, compiled.on_eval)
     task_scores: dict = {}
     faults = Faults()
     batch = setup.batch_fn(edit=faults.corrupt_batch)
@@ -370,8 +373,10 @@ class Throughput:
 class Evaluations:
     """The validation loss (and synthetic-task scores) at a step: computed, logged, and timed for the summary."""
 
-    def __init__(self, setup: Setup, metrics: MetricsWriter, progress: Progress, rate: Throughput):
+    def __init__(self, setup: Setup, metrics: MetricsWriter, progress: Progress, rate: Throughput,
+                 on_eval: Callable[[int, float], None] | None = None):
         self.setup, self.metrics, self.progress, self.rate = setup, metrics, progress, rate
+        self.on_eval = on_eval
         self.eval_step = make_eval_step(setup.mdef, setup.shardings["params"], setup.batch_sharding)
         self.task_eval = task_evaluator(setup)  # synthetic tasks: exact match of greedy samples on held-out problems
 
@@ -384,4 +389,6 @@ class Evaluations:
         self.metrics.write(step, {"val_loss": val_loss, **scores})
         self.progress.log(f"eval at step {step}: val_loss {val_loss:.4f}"
                           + "".join(f", {k} {v:.4f}" for k, v in scores.items()) + f" ({seconds:.1f}s)")
+        if self.on_eval is not None:
+            self.on_eval(step, val_loss)
         return val_loss, scores

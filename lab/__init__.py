@@ -1,0 +1,1 @@
+"""Tools around many runs: plan (time, energy and cost before a run), sweep (Optuna), report (plots)."""
