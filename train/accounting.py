@@ -18,23 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.transformer import ModelConfig
+from train.hardware import CHIPS
 
-# Dense peak TFLOP/s per chip, (bfloat16, float32 at JAX's DEFAULT matmul precision). DEFAULT runs float32
-# matmuls as one bfloat16 pass on TPU and as TF32 on A100/H100/H200, so those are the float32 figures.
-# Checked in order: the first name contained in jax's device_kind wins.
-PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
-    ("TPU v4", 275.0, 275.0),
-    ("TPU v5 lite", 197.0, 197.0),  # v5e
-    ("TPU v5e", 197.0, 197.0),
-    ("TPU v5p", 459.0, 459.0),
-    ("TPU v5", 459.0, 459.0),  # v5p reports itself as "TPU v5"
-    ("TPU v6 lite", 918.0, 918.0),  # v6e (Trillium)
-    ("TPU v6e", 918.0, 918.0),
-    ("A100", 312.0, 156.0),
-    ("H100 PCIe", 756.0, 378.0),
-    ("H100", 989.0, 495.0),  # SXM
-    ("H200", 989.0, 495.0),
-)
+# Dense peak TFLOP/s per chip, (device_kind substring, bfloat16, float32 at JAX's DEFAULT matmul precision), from
+# the chip table (train/hardware.py). Checked in order: the first name contained in jax's device_kind wins.
+PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = tuple(
+    (kind, chip.bf16_tflops, chip.fp32_tflops) for chip in CHIPS for kind in chip.kinds)
 
 
 def matmul_params_per_token(cfg: ModelConfig) -> int:

@@ -23,6 +23,7 @@ from optim.outer import OuterConfig
 from optim.prune import PruneConfig
 from parallel.errors import UserError
 from parallel.mesh import MeshConfig
+from train.energy import AccountingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +80,7 @@ class Config:
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     log: LogConfig = LogConfig()
+    accounting: AccountingConfig = AccountingConfig()  # energy, carbon and cost: PUE, grid, power and prices
     name: str = "experiment"
 
     def to_dict(self) -> dict:

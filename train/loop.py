@@ -30,6 +30,7 @@ from parallel.rules import activate
 from train.accounting import device_peak, mfu, train_flops_per_token
 from train.checkpoint import Checkpointer, has_checkpoints, latest_committed_step
 from train.config import Config
+from train.energy import EnergyMeter
 from train.faults import Faults
 from train.fit import check_state_fits, check_step_fits
 from train.health import Health, RunStopped, TrainingHalted
@@ -129,6 +130,7 @@ class Compiled(NamedTuple):
     seconds: float  # its compile time
     started: float  # perf_counter() when the command started: wall and start-up times count from there
     on_eval: Callable[[int, float], None] | None = None  # train()'s hook, called after each evaluation
+    resumed: dict | None = None  # the extras of the checkpoint a resumed run starts from
 
 
 def train(cfg: Config, workdir: Path, fresh: bool = False, initial: Callable | None = None,
@@ -181,6 +183,7 @@ def _train(setup: Setup, workdir: Path, start, compiled: Compiled) -> dict:
         if start is not None and not callable(start):
             state, _extra, _ = ckpt.restore_latest_valid(start, warn=lambda m: say(f"meshforge: warning: {m}"))
             setup.data.restore(_extra.get("data") or {})  # the loader continues from the saved position
+            compiled = compiled._replace(resumed=_extra)
         else:
             state = init_state(setup.tx, setup.mdef, setup.shardings, tc.seed, initial=start)
         start = int(jax.device_get(state["step"]))
@@ -219,7 +222,7 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
     progress.log("config: " + json.dumps(cfg.to_dict(), separators=(",", ":")))
     progress.log(f"compiled the train step in {compiled.seconds:.1f}s")
 
-    rate = Throughput(cfg.model, tc.seq_len, compiled.started)
+    rate = Throughput(cfg, compiled.started, (compiled.resumed or {}).get("accounting"))
     evaluations = Evaluations(setup, metrics, progress, rate, compiled.on_eval)
     task_scores: dict = {}
     faults = Faults()
@@ -260,7 +263,8 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
         if evaluated:
             val_loss, task_scores = evaluations(state["params"], done)
         if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps or stop or timed_save:
-            ckpt.save(done, state, {"data": setup.data.state(done), "config": cfg.to_dict()})
+            ckpt.save(done, state, {"data": setup.data.state(done), "config": cfg.to_dict(),
+                                    "accounting": rate.energy_totals()})
             last_save_step, last_save_t = done, time.perf_counter()
         if evaluated:
             rate.restart()  # evaluation and its checkpoint are not step time
@@ -276,8 +280,17 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps({k: json_value(v) for k, v in summary.items()}, indent=2))
     progress.close()
-    progress.log("done: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("name", "platform")))
+    progress.log("done: " + ", ".join(f"{k} {_short(v)}" for k, v in summary.items() if k not in SUMMARY_ONLY))
     return summary
+
+
+# summary.json keys the closing "done:" line leaves out: names and the accounting's constants and sources.
+SUMMARY_ONLY = ("name", "platform", "chip", "chips_per_host", "energy_method_accelerators", "energy_method_cpu",
+                "carbon_source", "price_source", "chip_hours_busy", "energy_kwh_accelerators", "energy_kwh_cpu")
+
+
+def _short(v):
+    return f"{v:.4g}" if isinstance(v, float) else v
 
 
 # Log-row figures that are totals of the run so far; the summary reports their last value.
@@ -303,13 +316,16 @@ class Throughput:
     The summary's step_ms_median is the median time from one dispatch to the next. In steady state the loop runs
     at the devices' pace (on a CPU the call itself waits for the step before; elsewhere the fetch of the metrics
     four steps back does), so that is one step, the figure `meshforge bench` measures. MFU is computed as bench
-    computes it (train/accounting.py; on CPU the peak is a ~0.2 s matmul probe).
+    computes it (train/accounting.py; on CPU the peak is a ~0.2 s matmul probe). Energy, carbon and cost
+    (train/energy.py) count the time between log rows as busy, and the rest of the wall time as idle.
     """
 
-    def __init__(self, model_cfg, seq_len: int, started: float):
-        self.flops_per_token = train_flops_per_token(model_cfg, seq_len)
-        self.peak, _ = device_peak(model_cfg.dtype)
+    def __init__(self, cfg: Config, started: float, prior_energy: dict | None = None):
+        self.flops_per_token = train_flops_per_token(cfg.model, cfg.train.seq_len)
+        self.peak, _ = device_peak(cfg.model.dtype)
         self.started = started  # perf_counter() when the command started
+        self.energy = EnergyMeter(cfg.accounting, started, prior_energy)
+        self.busy_s = 0.0
         self.step_s: list[float] = []
         self.window_ms: list[float] = []  # each log row's mean: the median's stand-in when no two steps ran in a row
         self.last_dispatch: float | None = None
@@ -349,9 +365,14 @@ class Throughput:
         }
         if self.peak:
             row["mfu"] = self._mfu(row["tokens_per_s"])
+        self.busy_s += dt
+        row.update(self.energy_totals())
         self.window_ms.append(row["step_ms"])
         self.t0 = time.perf_counter()
         return row
+
+    def energy_totals(self) -> dict[str, float]:
+        return self.energy.totals(self.busy_s)
 
     def summary(self, steps: int) -> dict:
         wall = time.perf_counter() - self.started
@@ -367,6 +388,7 @@ class Throughput:
             "tokens_per_s": round(self.tokens / wall, 1) if wall > 0 else None,
             "step_ms_median": round(1000 * median, 3) if median else None,
             "mfu": round(self._mfu(self.tokens / max(steps, 1) / median), 4) if self.peak and median else None,
+            **self.energy_totals(), **self.energy.describe(),  # to the end: the last evaluation and save too
         }
 
 
