@@ -13,6 +13,9 @@
     meshforge bench  EXPERIMENT --compare edge [--workdir RUN] [--json FILE]
     meshforge bench  EXPERIMENT --data-only [--json FILE] [--seconds S] [--section.key VALUE ...]
     meshforge tokenizer train EXPERIMENT [--section.key VALUE ...]
+    meshforge plan   [EXPERIMENT] (--hardware v5p-256 [--mfu 0.4] | --measure) [--tokens T] [--params N]
+                     [--json FILE] [--section.key VALUE ...]
+    meshforge report RUN [RUN ...] [--out DIR]
 
 Exit codes: 0 done, 2 user error (one line on stderr), 1 bug (traceback).
 """
@@ -31,7 +34,7 @@ from parallel.errors import UserError
 from train.health import TrainingHalted
 from train.workdir import StorageError
 
-VERBS = ("train", "eval", "sample", "bench", "tokenizer", "export", "run-exported")
+VERBS = ("train", "eval", "sample", "bench", "tokenizer", "export", "run-exported", "plan", "report")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,6 +64,25 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         p.add_argument("--prompt-len", type=int, default=64, help="stablehlo/iree: the longest prompt, in tokens")
         p.add_argument("--max-len", type=int, default=0, help="stablehlo/iree: cache slots, prompt-len plus the "
                        "tokens to generate (default prompt-len + 256)")
+        return p
+    if verb == "report":
+        p.add_argument("runs", nargs="+", help="runs' workdirs (metrics.jsonl, summary.json) and sweep folders "
+                       "(trials.json)")
+        p.add_argument("--out", help="folder for report.md and the PNGs (default: REPORT beside the first run, "
+                       "RUN/report)")
+        return p
+    if verb == "plan":
+        p.add_argument("experiment", nargs="?", help="experiment file (or --params N)")
+        p.add_argument("--hardware", help="the machine to plan for: NAME-COUNT, e.g. v5p-256 (TensorCores, as "
+                       "Cloud TPU names slices), v5e-64, v6e-256, h100-8, a100-64")
+        p.add_argument("--tokens", type=float, help="tokens to train (default: the experiment's steps x batch x "
+                       "seq_len; with --params: 20 per parameter)")
+        p.add_argument("--params", type=float, help="the model's parameter count, without an experiment file")
+        p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume (default 0.4)")
+        p.add_argument("--measure", action="store_true", help="compile and time the experiment's step on this "
+                       "machine and plan with the measured throughput (the hardware is this machine)")
+        p.add_argument("--json", help="also write the figures to this JSON file")
+        p.set_defaults(workdir=None)
         return p
     if verb == "run-exported":
         p.add_argument("path", help="the --out folder of `meshforge export --format stablehlo|iree`")
@@ -161,6 +183,22 @@ def _config(verb: str, args, overrides):
     return cfg, workdir
 
 
+def apply_experiment(path: str, overrides: dict):
+    from train.config import apply_overrides, load_experiment
+
+    return apply_overrides(load_experiment(path), overrides)
+
+
+def plan_accounting(overrides: dict):
+    """`plan --params N` has no experiment: only the accounting section's settings mean anything there."""
+    from train.config import Config, apply_overrides
+
+    if other := [k for k in overrides if not k.startswith("accounting.")]:
+        raise UserError(f"--{other[0]}: without an experiment file only accounting.* settings apply; give the "
+                        "experiment file to plan its model")
+    return apply_overrides(Config(), overrides).accounting
+
+
 def run(verb: str, argv: list[str]) -> int:
     rest, overrides = split_overrides(argv)
     args = _parser(verb).parse_args(rest)
@@ -172,6 +210,25 @@ def run(verb: str, argv: list[str]) -> int:
         from interop.export_run import export_run
 
         print(json.dumps(export_run(Path(args.run), args.format, Path(args.out), args.step, args)))
+        return 0
+    if verb == "report":
+        from lab.report import report
+
+        report([Path(r) for r in args.runs], Path(args.out) if args.out else None)
+        return 0
+    if verb == "plan" and args.measure and not args.experiment:
+        raise UserError("--measure compiles the experiment's step: give the experiment file")
+    if verb == "plan" and not args.measure:  # no device is touched: nothing to configure
+        from lab.plan import run_plan
+
+        check_json_path(args.json)
+        if args.experiment:
+            cfg = apply_experiment(args.experiment, overrides)
+            acct = cfg.accounting
+        else:
+            cfg, acct = None, plan_accounting(overrides)
+        run_plan(cfg, acct, hardware=args.hardware, tokens=args.tokens, params=args.params, mfu=args.mfu,
+                 measure=False, json_path=args.json)
         return 0
     if verb == "sample" and args.source and is_hf(args.source):
         return sample_hf(args, overrides)
@@ -212,6 +269,13 @@ def run(verb: str, argv: list[str]) -> int:
     use_compile_cache(cfg.train.compile_cache)
     if verb == "bench":
         return bench(cfg, args)
+    if verb == "plan":
+        from lab.plan import run_plan
+
+        check_json_path(args.json)
+        run_plan(cfg, cfg.accounting, hardware=args.hardware, tokens=args.tokens, params=args.params, mfu=args.mfu,
+                 measure=True, json_path=args.json)
+        return 0
     if verb == "train":
         from train.loop import train
 
