@@ -96,7 +96,7 @@ class Nvml:
 
         pynvml.nvmlInit()
         self.nvml = pynvml
-        self.handles = [pynvml.nvmlDeviceGetHandleByIndex(int(getattr(d, "local_hardware_id", d.id))) for d in devices]
+        self.handles = [nvml_handle(pynvml, int(getattr(d, "local_hardware_id", d.id))) for d in devices]
         self.start = [pynvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self.handles]
 
     @classmethod
@@ -109,6 +109,17 @@ class Nvml:
     def joules(self) -> float:
         now = [self.nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self.handles]
         return sum(b - a for a, b in zip(self.start, now)) / 1e3
+
+
+def nvml_handle(pynvml, ordinal: int):
+    """NVML's handle of CUDA device `ordinal`. NVML numbers every GPU of the machine, CUDA only the visible ones:
+    CUDA_VISIBLE_DEVICES (indices or GPU-UUIDs) maps one onto the other."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if ordinal < len(visible):
+        v = visible[ordinal]
+        return pynvml.nvmlDeviceGetHandleByUUID(v) if v.startswith(("GPU-", "MIG-")) else \
+            pynvml.nvmlDeviceGetHandleByIndex(int(v))
+    return pynvml.nvmlDeviceGetHandleByIndex(ordinal)
 
 
 class EnergyMeter:
