@@ -127,3 +127,28 @@ def test_config_round_trips_the_accounting_section():
 
     cfg = dataclasses.replace(Config(), accounting=AccountingConfig(pue=1.3, carbon_intensity=12.0))
     assert from_dict(json.loads(cfg.to_json())).accounting == cfg.accounting
+
+
+def test_nvml_counters_follow_cuda_visible_devices(monkeypatch):
+    """NVML cannot run here (no NVIDIA driver: Nvml.open gives None, the run models its energy); a stand-in with
+    NVML's calls checks the mJ arithmetic and the CUDA -> NVML device numbering."""
+    from train.energy import Nvml
+
+    assert Nvml.open(fake_devices("NVIDIA H100 80GB HBM3", "gpu", 1)) is None  # no driver on this machine
+    energy_mj = {"GPU-aaa": 1_000, 3: 5_000}
+
+    class FakeNvml:
+        @staticmethod
+        def nvmlInit():
+            pass
+
+        nvmlDeviceGetHandleByUUID = staticmethod(lambda uuid: uuid)
+        nvmlDeviceGetHandleByIndex = staticmethod(lambda i: i)
+        nvmlDeviceGetTotalEnergyConsumption = staticmethod(lambda h: energy_mj[h])
+
+    monkeypatch.setitem(__import__("sys").modules, "pynvml", FakeNvml)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaa,3")
+    nvml = Nvml(fake_devices("NVIDIA H100", "gpu", 2))
+    energy_mj["GPU-aaa"] += 2_500
+    energy_mj[3] += 500
+    assert nvml.joules() == pytest.approx(3.0)
