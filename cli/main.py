@@ -9,13 +9,17 @@
                      [--target llvm-cpu] [--target-cpu host] [--prompt-len P] [--max-len S]
     meshforge run-exported DIR [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
                      [--num-samples N] [--seed S] [--driver local-sync|local-task|...]
-    meshforge bench  EXPERIMENT [--section.key VALUE ...] [--steps N] [--warmup N] [--json FILE] [--compare torch|train]
+    meshforge bench  EXPERIMENT [--section.key VALUE ...] [--steps N] [--warmup N] [--json FILE]
+                     [--compare torch|train|diagnostics]
     meshforge bench  EXPERIMENT --compare edge [--workdir RUN] [--json FILE]
     meshforge bench  EXPERIMENT --data-only [--json FILE] [--seconds S] [--section.key VALUE ...]
     meshforge tokenizer train EXPERIMENT [--section.key VALUE ...]
     meshforge plan   [EXPERIMENT] (--hardware v5p-256 [--mfu 0.4] | --measure) [--tokens T] [--params N]
                      [--json FILE] [--section.key VALUE ...]
     meshforge report RUN [RUN ...] [--out DIR]
+    meshforge sweep  EXPERIMENT --space SPACE.py --trials N [--storage URL] [--study NAME] [--workdir DIR]
+                     [--pruner median|hyperband|none] [--prune-startup N] [--prune-warmup STEPS]
+                     [--sampler tpe|random] [--seed S] [--stale-after S] [--section.key VALUE ...]
 
 Exit codes: 0 done, 2 user error (one line on stderr), 1 bug (traceback).
 """
@@ -24,7 +28,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import sys
 import time
@@ -34,7 +37,7 @@ from parallel.errors import UserError
 from train.health import TrainingHalted
 from train.workdir import StorageError
 
-VERBS = ("train", "eval", "sample", "bench", "tokenizer", "export", "run-exported", "plan", "report")
+VERBS = ("train", "eval", "sample", "bench", "tokenizer", "export", "run-exported", "plan", "report", "sweep")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,14 +93,19 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         p.add_argument("--driver", default="", help="IREE artifacts: the runtime driver (default for llvm-cpu: "
                        "local-sync, one thread; local-task uses all cores, faster for larger models)")
         return p
-    needs_experiment = verb in ("train", "bench", "tokenizer")
+    needs_experiment = verb in ("train", "bench", "tokenizer", "sweep")
     p.add_argument("experiment", nargs=None if needs_experiment else "?", help="experiment file, e.g. "
                    "experiments/shakespeare_char.py")
-    p.add_argument("--workdir", help="run directory (default: runs/<experiment name>)")
-    if verb == "train":
+    p.add_argument("--workdir", help="the sweep's folder: trial_<number>/ runs, trials.json, best_experiment.py, "
+                   "study.db (default: runs/sweeps/<experiment name>)" if verb == "sweep" else
+                   "run directory (default: runs/<experiment name>)")
+    if verb in ("train", "sweep"):
         p.add_argument("--coordinator", help="multi-process: address of process 0, host:port")
         p.add_argument("--num-processes", type=int, help="multi-process: number of processes")
         p.add_argument("--process-id", type=int, help="multi-process: this process's index")
+    if verb == "sweep":
+        _sweep_args(p)
+    elif verb == "train":
         p.add_argument("--fresh", action="store_true", help="start over: move an earlier run in the workdir to "
                        "WORKDIR/archive/<time>/ (nothing is deleted) instead of resuming it")
     elif verb == "bench":
@@ -106,11 +114,14 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         p.add_argument("--seconds", type=float, default=3.0, help="--data-only: time each measurement this long")
         p.add_argument("--steps", type=int, default=20, help="timed train steps (default 20)")
         p.add_argument("--warmup", type=int, default=3, help="untimed train steps after compiling (default 3)")
-        p.add_argument("--compare", choices=["torch", "train", "edge"], help="torch: also time a plain PyTorch "
-                       "version of the same model and batch, side by side (needs the bench extra); train: a real "
+        p.add_argument("--compare", choices=["torch", "train", "edge", "diagnostics"], help="torch: also time a "
+                       "plain PyTorch version of the same model and batch, side by side (needs the bench extra); "
+                       "train: a real "
                        "train run of the experiment (temporary workdir) between two benches, the loop's step time "
                        "against the step's; edge: the trained run (--workdir) exported as StableHLO and IREE, "
-                       "float32 and int8: size on disk and decode tokens/s against meshforge's sampler")
+                       "float32 and int8: size on disk and decode tokens/s against meshforge's sampler; "
+                       "diagnostics: the step with training diagnostics (log.diagnostics_every) off and on, "
+                       "alternating")
     elif verb in ("eval", "sample"):
         p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     if verb == "eval":
@@ -138,6 +149,29 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                    "whose probability reaches p (1: all)")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--space", required=True, help="a Python file defining space(trial) with Optuna's define-by-run "
+                   "API, returning {'optim.lr': trial.suggest_float('optim.lr', 1e-4, 1e-2, log=True), ...}")
+    p.add_argument("--trials", type=int, required=True, help="stop when the study holds this many finished trials "
+                   "(complete, pruned or failed; a trial whose worker died runs again and counts once)")
+    p.add_argument("--storage", help="the study's Optuna storage: an SQLAlchemy URL (postgresql://..., "
+                   "sqlite:///PATH) or journal:PATH (a path ending in .log or .jsonl is a journal file too); "
+                   "default sqlite:///WORKDIR/study.db. Workers on other machines join with the same URL")
+    p.add_argument("--study", help="the study's name (default: the experiment's name)")
+    p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median", help="stop trials whose "
+                   "validation loss at an evaluation is behind the others' (default median)")
+    p.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="how the next trial's values are "
+                   "chosen (default tpe)")
+    p.add_argument("--seed", type=int, help="the sampler's seed (workers sharing a study: give each its own)")
+    p.add_argument("--prune-startup", type=int, default=3, help="median: trials that complete before any is "
+                   "pruned (default 3)")
+    p.add_argument("--prune-warmup", type=int, default=0, help="evaluations before this train step never prune "
+                   "(default 0)")
+    p.add_argument("--stale-after", type=float, default=120.0, help="a running trial whose worker on another "
+                   "machine has sent no heartbeat for this many seconds is run again (default 120; a dead worker "
+                   "on this machine is seen at once)")
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -236,14 +270,21 @@ def run(verb: str, argv: list[str]) -> int:
         args.workdir = args.source
     cfg, workdir = _config(verb, args, overrides)
     initial = None  # pretrained parameters for a new fine-tuning run
-    if verb == "train" and cfg.train.init_from:
+    if verb in ("train", "sweep") and cfg.train.init_from:  # a sweep's new trials all start from the same weights
         from interop.pretrained import resuming_point, starting_point
         from train.checkpoint import has_checkpoints
 
-        if has_checkpoints(workdir / "checkpoints") and not args.fresh and (workdir / "config.json").is_file():
+        if verb == "train" and has_checkpoints(workdir / "checkpoints") and not args.fresh and \
+                (workdir / "config.json").is_file():
             cfg, initial = resuming_point(cfg, workdir), None
         else:
             cfg, initial = starting_point(cfg)
+    if verb == "sweep":  # the space is checked before anything else; its first trial's config sizes the devices
+        import shlex
+
+        from lab.sweep import prepare
+
+        sweep_spec, cfg = prepare(args, cfg, overrides, command=shlex.join(["meshforge", "sweep", *argv]))
 
     from parallel.mesh import configure_cpu_devices, default_cpu_devices, maybe_initialize_distributed, \
         resolve_launch
@@ -256,13 +297,14 @@ def run(verb: str, argv: list[str]) -> int:
         check_json_path(args.json)
         compare_edge(workdir, json_path=args.json)
         return 0
-    launch = resolve_launch(args.coordinator, args.num_processes, args.process_id) if verb == "train" else None
+    launch = resolve_launch(args.coordinator, args.num_processes, args.process_id) if verb in ("train", "sweep") \
+        else None
     rows = cfg.train.batch_size // max(1, cfg.optim.accum_steps)
     if cfg.outer.replicas:  # the data axis splits each replica's rows; mesh.replica groups hold R / replica each
         rows = rows * cfg.mesh.replica // cfg.outer.replicas
     processes = launch.num_processes if launch else 1
     configure_cpu_devices(cfg.mesh.cpu_devices or default_cpu_devices(cfg.mesh, rows, processes=processes))
-    if verb == "train":
+    if verb in ("train", "sweep"):
         maybe_initialize_distributed(launch)
     from train.setup import use_compile_cache
 
@@ -281,6 +323,10 @@ def run(verb: str, argv: list[str]) -> int:
 
         train(cfg, workdir, fresh=args.fresh, initial=initial, started=command_started())
         return 0
+    if verb == "sweep":
+        from lab.sweep import run_sweep
+
+        return run_sweep(sweep_spec, initial)
 
     if verb == "sample":
         from interop.sample import sample_run
@@ -372,6 +418,11 @@ def bench(cfg, args) -> int:
         from interop.bench_torch import compare
 
         compare(cfg, steps=args.steps, warmup=args.warmup, json_path=args.json)
+        return 0
+    if args.compare == "diagnostics":
+        from train.bench_diagnostics import compare_diagnostics
+
+        compare_diagnostics(cfg, steps=args.steps, warmup=args.warmup, json_path=args.json)
         return 0
     if args.compare == "train":
         from train.bench_loop import compare_train

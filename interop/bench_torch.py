@@ -36,6 +36,7 @@ def check_supported(m: ModelConfig, o: OptimConfig) -> None:
         ("model.param_dtype", m.param_dtype, "float32"),
         ("model.qk_norm", m.qk_norm, False), ("model.rope_scaling", m.rope_scaling, "none"),
         ("model.causal", m.causal, True), ("model.dropout", m.dropout, 0.0),
+        ("model.parametrization", m.parametrization, "standard"),
         ("optim.name", o.name, "adamw"), ("optim.accum_steps", o.accum_steps, 1),
     ]
     for key, value, want in unsupported:

@@ -124,6 +124,10 @@ def export_hf(params: dict, model_cfg: ModelConfig, out_dir: str | Path, *, fami
     from tokenizer_dir (an HF folder: its tokenizer files are copied) or `tokenizer` (a meshforge or HF
     tokenizer JSON object).
     """
+    if model_cfg.parametrization != "standard":
+        # HF models have no readout multiplier or 1/head_dim attention: the folder would load and be wrong
+        raise UserError(f"model.parametrization: a {model_cfg.parametrization} model has no HuggingFace form (its "
+                        "logit multiplier and attention scale differ); export it with --format stablehlo or iree")
     fam = pick_family(model_cfg, family, hf_config)
     vocab = int(vocab_size or (hf_config or {}).get("vocab_size") or model_cfg.vocab_size)
     if vocab > model_cfg.vocab_size:

@@ -107,9 +107,12 @@ class Attention(nnx.Module):
         qk_norm_eps: float = 0.0,
         lora: Callable[[str, tuple[int, ...]], LoRA | None] | None = None,
         qat: Callable[[str], str | None] | None = None,
+        scale: float | None = None,
         rngs: nnx.Rngs,
     ):
+        """scale: the attention scores' factor; None: 1/sqrt(head_dim) (muP passes its 1/head_dim form)."""
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.scale = scale
         qat = qat or (lambda name: None)
         self.qat_q, self.qat_kv, self.qat_o = qat("attn/wq_DNH"), qat("attn/wkv_D2KH"), qat("attn/wo_NHD")
         self.implementation = pick_implementation(implementation, dtype, head_dim)
@@ -164,10 +167,10 @@ class Attention(nnx.Module):
         k_BTKH = constrain(k_BTKH, ("batch", "length", "act_kv_heads", "head_dim"))
         if cache is not None:
             cache = cache.write(k_BTKH, v_BTKH)
-            out_BTNH = cached_attention(q_BTNH, cache, mask)
+            out_BTNH = cached_attention(q_BTNH, cache, mask, self.scale)
         else:
             out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask, is_causal=self.causal,
-                                                    implementation=self.implementation)
+                                                    scale=self.scale, implementation=self.implementation)
         out_BTD = dense(out_BTNH, self.wo_NHD[...].astype(dt), 2, qat=self.qat_o)
         if self.wo_NHD_lora is not None:
             out_BTD = out_BTD + self.wo_NHD_lora(out_BTNH, keys[2])
@@ -201,8 +204,9 @@ class KVCache(NamedTuple):
         return KVCache(put(self.k_BKSH, k_BTKH), put(self.v_BKSH, v_BTKH), self.at + k_BTKH.shape[1])
 
 
-def cached_attention(q_BTNH: jax.Array, cache: KVCache, mask_B1TS: jax.Array) -> jax.Array:
-    """Softmax attention of this call's queries over the cache (float32 scores), grouped-query heads included."""
+def cached_attention(q_BTNH: jax.Array, cache: KVCache, mask_B1TS: jax.Array, scale: float | None = None) -> jax.Array:
+    """Softmax attention of this call's queries over the cache (float32 scores), grouped-query heads included;
+    scores times `scale` (None: 1/sqrt(head_dim))."""
     B, T, N, H = q_BTNH.shape
     K = cache.k_BKSH.shape[1]
     q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
@@ -210,7 +214,8 @@ def cached_attention(q_BTNH: jax.Array, cache: KVCache, mask_B1TS: jax.Array) ->
     scores_BKGTS = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32)
     # a finite floor: a left-padding query that sees no slot gets uniform weights instead of NaN, which would
     # reach the cache (and 0 * NaN is NaN) through its keys and values in the next layer
-    scores_BKGTS = jnp.where(mask_B1TS[:, :, None], scores_BKGTS / jnp.sqrt(H).astype(jnp.float32), -1e30)
+    scaled_BKGTS = scores_BKGTS / jnp.sqrt(H).astype(jnp.float32) if scale is None else scores_BKGTS * scale
+    scores_BKGTS = jnp.where(mask_B1TS[:, :, None], scaled_BKGTS, -1e30)
     probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(q_BTNH.dtype)
     out_BKGTH = jnp.einsum("bkgts,bksh->bkgth", probs_BKGTS, cache.v_BKSH.astype(q_BTNH.dtype))
     return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)

@@ -76,6 +76,12 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
     dropout: float = 0.0
     init_std: float = 0.02
+    # Hyperparameter transfer across width (muP, Tensor Programs V; see mup_std, mup_attention_scale, head_weights
+    # and optim.chains.mup_lr_multipliers): "mup" scales the hidden matrices' init by 1/sqrt(width_mult), attention
+    # scores by 1/head_dim, the logits by 1/width_mult and Adam's lr of the hidden matrices by 1/width_mult, where
+    # width_mult = d_model / mup_base_width. At d_model == mup_base_width it is the standard model.
+    parametrization: Literal["standard", "mup"] = "standard"
+    mup_base_width: int = 0  # the d_model the hyperparameters were tuned at; required with "mup"
     scan_layers: bool = False  # nnx.scan over layers: compile time stays flat as depth grows
     remat: Literal["none", "save_dots", "save_block_inputs", "full"] = "none"  # see REMAT_POLICIES
     # Precision policy: parameters (and so gradients and the optimizer update) in param_dtype, matmuls and
@@ -151,6 +157,7 @@ class ModelConfig:
         if self.lora_rank and not matching_targets(self.lora_targets):
             raise ValueError(f"model.lora_targets: {self.lora_targets!r} matches no projection; choose among "
                              f"{', '.join(TARGETS)} (a regex, e.g. 'attn/' or 'wq|wkv')")
+        self._check_parametrization()
         if self.moe_experts < 0 or self.moe_every < 1:
             raise ValueError("model.moe_experts must be >= 0 and model.moe_every >= 1")
         if self.moe_experts:
@@ -160,6 +167,23 @@ class ModelConfig:
             if self.n_layers % self.moe_every:
                 raise ValueError(f"model.n_layers ({self.n_layers}) must be a multiple of model.moe_every "
                                  f"({self.moe_every})")
+
+    def _check_parametrization(self) -> None:
+        if self.parametrization not in ("standard", "mup"):
+            raise ValueError(f"model.parametrization: {self.parametrization!r} is not one of standard, mup")
+        if self.mup_base_width < 0 or (self.parametrization == "mup" and self.mup_base_width == 0):
+            raise ValueError(f"model.mup_base_width must be > 0 with model.parametrization mup (the d_model the "
+                             f"hyperparameters were tuned at), got {self.mup_base_width}")
+        # The router (width in, experts out) and LoRA's down-projection are readout-like matrices whose muP rule
+        # is not implemented here; refusing beats training them with a silently wrong scale.
+        if self.parametrization == "mup" and (self.moe_experts or self.lora_rank):
+            raise ValueError("model.parametrization mup covers dense models without LoRA adapters; "
+                             "set model.moe_experts 0 and model.lora_rank 0, or use the standard parametrization")
+
+    @property
+    def width_mult(self) -> float:
+        """d_model / mup_base_width under muP; 1.0 in the standard parametrization."""
+        return self.d_model / self.mup_base_width if self.parametrization == "mup" else 1.0
 
     @property
     def kv_heads(self) -> int:
@@ -241,12 +265,34 @@ def lora_factory(cfg: ModelConfig, rngs: nnx.Rngs):
     return make
 
 
+def mup_std(cfg: ModelConfig, std: float) -> float:
+    """Init std of a hidden matrix (fan-in grows with the width): under muP its variance shrinks as 1/width_mult,
+    i.e. as 1/fan_in relative to the base model, which therefore keeps the standard init exactly."""
+    return std / math.sqrt(cfg.width_mult) if cfg.parametrization == "mup" else std
+
+
+def mup_attention_scale(cfg: ModelConfig) -> float | None:
+    """The attention score scale; None: the standard 1/sqrt(head_dim).
+
+    muP scales scores by 1/head_dim (query and key become correlated during training, so their dot product
+    grows as head_dim, not sqrt(head_dim)). The constant sqrt(H0), H0 = head_dim / width_mult the head size at
+    the base width, makes the base model the standard one: sqrt(H0) / H = 1/sqrt(H) / sqrt(width_mult), written
+    so, which at width_mult 1 is the standard factor to the bit. This assumes the width grows through the head
+    size (model.n_heads fixed, as in Tensor Programs V); were it to grow through more heads of a fixed size,
+    1/sqrt(H) would already be muP's scaling and this one would shrink the scores by a needless 1/sqrt(width_mult).
+    """
+    if cfg.parametrization != "mup":
+        return None
+    return 1.0 / math.sqrt(cfg.head_size) / math.sqrt(cfg.width_mult)
+
+
 class Block(nnx.Module):
     """Pre-norm attention block then MLP block, each added to the residual stream. Returns the new stream, the MoE
     routing statistics of this layer ({} for a dense MLP) and the layer's updated KV cache (None without one)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, moe: bool = False):
-        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2: residual writes shrink with depth
+        init_std = mup_std(cfg, cfg.init_std)
+        out_std = mup_std(cfg, cfg.init_std / math.sqrt(2 * cfg.n_layers))  # GPT-2: residual writes shrink with depth
         dtype, pd = compute_dtype(cfg.dtype), DTYPES[cfg.param_dtype]
         self.dropout = cfg.dropout
         self.lora_dropout = cfg.lora_rank > 0 and cfg.lora_dropout > 0
@@ -254,20 +300,23 @@ class Block(nnx.Module):
         self.attn_norm = Norm(cfg.d_model, cfg.norm, rngs, pd, cfg.norm_eps)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size, use_bias=cfg.use_bias,
                               qkv_bias=cfg.qkv_bias, qk_norm_eps=cfg.norm_eps if cfg.qk_norm else 0.0,
-                              init_std=cfg.init_std, out_std=out_std, implementation=cfg.attention_impl, dtype=dtype,
-                              param_dtype=pd, causal=cfg.causal, lora=lora, qat=qat_factory(cfg), rngs=rngs)
+                              init_std=init_std, out_std=out_std, implementation=cfg.attention_impl, dtype=dtype,
+                              scale=mup_attention_scale(cfg), param_dtype=pd, causal=cfg.causal, lora=lora,
+                              qat=qat_factory(cfg), rngs=rngs)
         self.mlp_norm = Norm(cfg.d_model, cfg.norm, rngs, pd, cfg.norm_eps)
         if moe:
             self.mlp = MoEMLP(cfg.d_model, cfg.expert_ff_dim, cfg.moe_experts, top_k=cfg.moe_top_k,
                               capacity_factor=cfg.moe_capacity_factor, kind=cfg.mlp,
-                              gelu_approximate=cfg.gelu_approximate, init_std=cfg.init_std, out_std=out_std,
+                              gelu_approximate=cfg.gelu_approximate, init_std=init_std, out_std=out_std,
                               dtype=dtype, param_dtype=pd, rngs=rngs)
         else:
             self.mlp = MLP(cfg.d_model, cfg.ff_dim, kind=cfg.mlp, gelu_approximate=cfg.gelu_approximate,
-                           use_bias=cfg.use_bias, init_std=cfg.init_std, out_std=out_std, dtype=dtype,
+                           use_bias=cfg.use_bias, init_std=init_std, out_std=out_std, dtype=dtype,
                            param_dtype=pd, lora=lora, qat=qat_factory(cfg), rngs=rngs)
 
-    def __call__(self, x_BTD, mask, rope, key: jax.Array | None, cache: KVCache | None = None):
+    def __call__(self, x_BTD, mask, rope, key: jax.Array | None, cache: KVCache | None = None,
+                 act_stats: bool = False):
+        """With act_stats the statistics also hold `act_ms`, the mean square of the output stream (diagnostics)."""
         k1, k2 = jax.random.split(key) if key is not None else (None, None)
         # LoRA dropout draws its own keys (fold_in), so adding adapters leaves the block's dropout masks as they were.
         k_attn, k_mlp = (jax.random.fold_in(key, 3), jax.random.fold_in(key, 4)) \
@@ -282,8 +331,10 @@ class Block(nnx.Module):
             y_BTD, stats = self.mlp(self.mlp_norm(x_BTD), dropless=cache is not None)
         else:
             y_BTD, stats = self.mlp(self.mlp_norm(x_BTD), k_mlp), {}
-        x_BTD = x_BTD + dropout(y_BTD, self.dropout, k2)
-        return constrain(x_BTD, ("batch", "length", "act_embed")), stats, cache
+        x_BTD = constrain(x_BTD + dropout(y_BTD, self.dropout, k2), ("batch", "length", "act_embed"))
+        if act_stats:
+            stats = {**stats, "act_ms": mean_square(x_BTD)}
+        return x_BTD, stats, cache
 
 
 class LayerGroup(nnx.Module):
@@ -293,13 +344,26 @@ class LayerGroup(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.layers = nnx.List([Block(cfg, rngs, moe=j == cfg.moe_every - 1) for j in range(cfg.moe_every)])
 
-    def __call__(self, x_BTD, mask, rope, key: jax.Array | None, cache: tuple | None = None):
+    def __call__(self, x_BTD, mask, rope, key: jax.Array | None, cache: tuple | None = None,
+                 act_stats: bool = False):
+        """With act_stats the statistics also hold `act_ms` (moe_every,): each layer's, in order."""
         keys = jax.random.split(key, len(self.layers)) if key is not None else [None] * len(self.layers)
-        stats, caches = {}, []
+        stats, caches, act_ms = {}, [], []
         for i, (layer, k) in enumerate(zip(self.layers, keys)):
-            x_BTD, s, c = layer(x_BTD, mask, rope, k, None if cache is None else cache[i])
+            x_BTD, s, c = layer(x_BTD, mask, rope, k, None if cache is None else cache[i], act_stats)
+            if act_stats:
+                act_ms.append(s["act_ms"])
+                s = {name: v for name, v in s.items() if name != "act_ms"}
             stats, caches = s or stats, caches + [c]
+        if act_stats:
+            stats = {**stats, "act_ms": jnp.stack(act_ms)}
         return x_BTD, stats, None if cache is None else tuple(caches)
+
+
+def mean_square(x_BTD: jax.Array) -> jax.Array:
+    """The mean square of an activation over all its positions, in float32 (training diagnostics)."""
+    x = x_BTD.astype(jnp.float32)
+    return jnp.mean(x * x)
 
 
 def scan_units(cfg: ModelConfig) -> int:
@@ -352,6 +416,7 @@ class Transformer(nnx.Module):
         dropout_key: jax.Array | None = None,
         return_aux: bool = False,
         return_hidden: bool = False,
+        act_stats: bool = False,
         cache=None,
         cache_starts_B: jax.Array | None = None,
     ):
@@ -359,7 +424,9 @@ class Transformer(nnx.Module):
 
         With return_hidden, the final normed hidden states (B, T, D) instead: the training loss turns them into
         logits a chunk at a time with `head_weights()` (models/loss.py). With return_aux, also a dict of MoE
-        statistics and the weighted auxiliary loss `aux_loss` (empty for a dense model); see moe_aux.
+        statistics and the weighted auxiliary loss `aux_loss` (empty for a dense model); see moe_aux. With
+        act_stats (and return_aux) the dict also holds `act_ms` (L,): the mean square of the residual stream at
+        each layer's output (training diagnostics, train/diagnostics.py); without it nothing of that is computed.
         With a KV cache (init_cache; generation), tokens_BT go to the cache slots from its write position on and
         the call returns (logits, updated cache); row b's tokens start at slot cache_starts_B[b] (left padding).
         """
@@ -384,35 +451,53 @@ class Transformer(nnx.Module):
         llama3 = (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len) \
             if cfg.rope_scaling == "llama3" else None
         rope = rope_tables(positions_BT, cfg.head_size, cfg.rope_theta, llama3) if cfg.positions == "rope" else None
-        x_BTD, stats, cache = self._blocks(x_BTD, mask, rope, dropout_key, cache)
+        x_BTD, stats, cache = self._blocks(x_BTD, mask, rope, dropout_key, cache, act_stats and cache is None)
+        act = {"act_ms": stats.pop("act_ms").reshape(-1)} if "act_ms" in stats else {}  # layer order
         x_BTD = self.final_norm(x_BTD)
         out = x_BTD if return_hidden else head_logits(x_BTD, self.head_weights())
         if cache is not None:
             return out, cache
-        return (out, moe_aux(cfg, stats)) if return_aux else out
+        return (out, {**moe_aux(cfg, stats), **act}) if return_aux else out
 
     def head_weights(self) -> jax.Array:
-        """The output head (D, V): the transposed embedding when tied."""
-        return self.embed_VD[...].T if self.cfg.tie_embeddings else self.head_DV[...]
+        """The output head (D, V): the transposed embedding when tied.
 
-    def _blocks(self, x_BTD, mask, rope, dropout_key, cache):
-        """Run the layers: (residual stream, MoE statistics stacked over layers ({} if dense), updated cache)."""
+        Under muP the head is multiplied by 1/width_mult (Tensor Programs V's readout multiplier): the hidden
+        state's coordinates stay O(1) as the width grows and become correlated with the head's, so their dot
+        product would grow as the width. The multiplier sits here, not on the stored weights, so the readout keeps
+        the standard init and Adam lr; a tied embedding is then both the input embedding and (times 1/width_mult)
+        the readout, which is how the mup package ties them (MuSharedReadout). Both the plain logits and the
+        chunked training loss take their head from here.
+        """
+        head_DV = self.embed_VD[...].T if self.cfg.tie_embeddings else self.head_DV[...]
+        if self.cfg.parametrization == "mup":
+            head_DV = head_DV * (1.0 / self.cfg.width_mult)
+        return head_DV
+
+    def _blocks(self, x_BTD, mask, rope, dropout_key, cache, act_stats: bool = False):
+        """Run the layers: (residual stream, MoE statistics stacked over layers ({} if dense), updated cache). With
+        act_stats the statistics also hold `act_ms`, stacked (L,), or (units, moe_every) with grouped layers."""
         cfg = self.cfg
         policy = REMAT_POLICIES[cfg.remat]
 
         def run_block(block, x, key, c):
-            return block(x, mask, rope, key, c)
+            return block(x, mask, rope, key, c, act_stats)
 
         if cfg.remat != "none" and cache is None:
             run_block = nnx.remat(run_block, policy=policy)
         if not cfg.scan_layers:
             keys = jax.random.split(dropout_key, cfg.n_layers) if dropout_key is not None else None
-            stats, caches = [], []
+            stats, caches, act_ms = [], [], []
             for i, block in enumerate(self.blocks):
                 x_BTD, s, c = run_block(block, x_BTD, None if keys is None else keys[i],
                                         None if cache is None else cache[i])
+                if act_stats:  # every layer has one; only the MoE layers have the other statistics
+                    act_ms.append(s["act_ms"])
+                    s = {k: v for k, v in s.items() if k != "act_ms"}
                 stats, caches = stats + ([s] if s else []), caches + [c]
             stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *stats) if stats else {}
+            if act_stats:
+                stacked = {**stacked, "act_ms": jnp.stack(act_ms)}
             return x_BTD, stacked, None if cache is None else caches
 
         n_units = scan_units(cfg)

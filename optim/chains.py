@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from models.axes import n_stacked
+from models.axes import PROJECTIONS, n_stacked, path_name
 from optim.prune import PruneConfig, prune
+from parallel.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +88,38 @@ def decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
     return jax.tree_util.tree_map_with_path(leaf, params)
 
 
+def mup_lr_multipliers(params: Any, width_mult: float) -> Any:
+    """A pytree of floats like `params`: muP's factor on each parameter's Adam update (Tensor Programs V, Table 3).
+
+    The hidden matrices, whose fan-in grows with the width (attention q/k/v/o, MLP in/out: models.axes.PROJECTIONS),
+    get 1/width_mult: Adam's update has O(1) entries whatever the gradient's scale, so a matrix of fan-in n moves
+    its output by ~lr * n, and lr / width_mult keeps that fixed. Embeddings, the readout (its 1/width_mult
+    multiplier in the forward pass does that job) and vectors (norm scales, biases) keep the lr. A name outside
+    these rules is an error, as in decay_mask.
+    """
+
+    def leaf(path, _):
+        name = str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
+        if re.search(PROJECTIONS, "/" + path_name(path)):
+            return 1.0 / width_mult
+        if _EMBEDDING.match(name) or _NO_DECAY.match(name) or name.startswith("head_"):
+            return 1.0
+        raise ValueError(f"parameter {jax.tree_util.keystr(path)} matches no muP learning-rate rule in optim/chains.py")
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def scale_by_multipliers(multipliers: Callable[[Any], Any]) -> optax.GradientTransformation:
+    """Multiply each update leaf by a constant: `multipliers(updates)` gives a pytree of floats like the updates
+    (computed at trace time from the leaves' paths, so nothing is stored in the state)."""
+
+    def update_fn(updates, state, params=None):
+        scaled = jax.tree.map(lambda u, m: u if m == 1.0 else (u * m).astype(u.dtype), updates, multipliers(updates))
+        return scaled, state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
 def stored_as(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
     """`tx` with its floating-point state kept in `dtype` between steps and upcast to float32 for the update.
 
@@ -136,11 +169,17 @@ def scale_by_stacked_trust_ratio(stacked: Any) -> optax.GradientTransformation:
 
 
 def build_optimizer(cfg: OptimConfig, total_steps: int, logical_axes: Any = None,
-                    pruning: PruneConfig | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+                    pruning: PruneConfig | None = None, mup_width_mult: float | None = None,
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The whole chain and its schedule. `logical_axes` (ModelDef.logical_axes(): one tuple of names per param)
     tells LAMB which leading axes stack layers or experts; LAMB refuses to build without it, since a per-leaf
     trust ratio would silently be shared by all layers of a scanned model. AdamW does not need it. `pruning`
-    (the `prune` section) wraps clipping and the optimizer in optim.prune, which needs the logical axes too."""
+    (the `prune` section) wraps clipping and the optimizer in optim.prune, which needs the logical axes too.
+    `mup_width_mult` (ModelConfig.width_mult of a model.parametrization mup model; None: standard) scales the
+    AdamW update of each parameter by mup_lr_multipliers, weight decay included: decoupled AdamW decays by
+    lr * weight_decay, so a hidden matrix decays by lr / width_mult * weight_decay, as PyTorch's AdamW does under
+    the mup package's per-group lr."""
+    check_mup_optimizer(cfg, mup_width_mult)
     schedule = make_schedule(cfg, total_steps)
     mask = lambda params: decay_mask(params, cfg.decay_embeddings)  # noqa: E731
     if cfg.name == "adamw":
@@ -157,6 +196,8 @@ def build_optimizer(cfg: OptimConfig, total_steps: int, logical_axes: Any = None
                            optax.add_decayed_weights(cfg.weight_decay, mask=mask),
                            scale_by_stacked_trust_ratio(stacked_dims(logical_axes)),
                            optax.scale_by_learning_rate(schedule))
+    if mup_width_mult is not None:
+        core = optax.chain(core, scale_by_multipliers(lambda tree: mup_lr_multipliers(tree, mup_width_mult)))
     if cfg.moment_dtype != "float32":
         core = stored_as(core, jnp.dtype(cfg.moment_dtype))
     clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
@@ -168,6 +209,15 @@ def build_optimizer(cfg: OptimConfig, total_steps: int, logical_axes: Any = None
     # A step whose gradients hold a NaN or Inf leaves parameters, moments and masks untouched; the state counts
     # such steps (`nonfinite_counts`). The training loop decides when too many in a row means stop.
     return optax.apply_if_finite(chain, max_consecutive_errors=2**30), schedule
+
+
+def check_mup_optimizer(cfg: OptimConfig, mup_width_mult: float | None) -> None:
+    """muP's per-layer rule is derived here for Adam only. LAMB's trust ratio already sets each tensor's step
+    from its norm (under muP's init that gives hidden matrices lr / sqrt(width_mult), not lr / width_mult), and
+    SGD needs other multipliers (embeddings and vectors scaled up with the width), not implemented."""
+    if mup_width_mult is not None and cfg.name != "adamw":
+        raise UserError(f"optim.name: {cfg.name} has no muP learning-rate rule here; model.parametrization mup "
+                        "trains with optim.name adamw")
 
 
 def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:

@@ -1,5 +1,4 @@
 """Sources (text/JSONL/Parquet files and folders, generators), tokenizers (byte, char, BPE), the on-disk cache."""
-import json
 import os
 import time
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 
 from data.loader import process_rows, to_global
 from data.pipeline import build_pipeline

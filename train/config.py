@@ -11,7 +11,6 @@ import importlib.util
 import json
 import math
 import sys
-import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -68,6 +67,27 @@ class TrainConfig:
 class LogConfig:
     progress: Literal["auto", "bar", "lines", "none"] = "auto"  # auto: a bar on a terminal, lines otherwise
     tensorboard: bool = True
+    # Weights & Biases: every log row also goes to this W&B project ("" off; needs `pip install wandb`). Offline by
+    # default: the run is kept under WORKDIR/wandb/ for `wandb sync`; online sends it as it goes.
+    wandb_project: str = ""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    # Per-layer and per-group gradient norms, update/parameter ratios and activation RMS (train/diagnostics.py),
+    # written into the log row of every step that is a multiple of this (a multiple of train.log_every); 0: off,
+    # and then not computed at all. A layer whose gradient norm is below the median layer's / vanishing_factor or
+    # above it x exploding_factor gets a warning.
+    diagnostics_every: int = 0
+    vanishing_factor: float = 100.0
+    exploding_factor: float = 100.0
+
+    def __post_init__(self):
+        if self.wandb_project and importlib.util.find_spec("wandb") is None:
+            raise ValueError("log.wandb_project: W&B is not installed; pip install wandb (or the lab extra), or "
+                             "leave log.wandb_project empty")
+        if self.diagnostics_every < 0:
+            raise ValueError(f"log.diagnostics_every must be >= 0 (0: off), got {self.diagnostics_every}")
+        for name in ("vanishing_factor", "exploding_factor"):
+            if getattr(self, name) <= 1:
+                raise ValueError(f"log.{name} must be > 1, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)

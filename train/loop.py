@@ -30,6 +30,7 @@ from parallel.rules import activate
 from train.accounting import device_peak, mfu, train_flops_per_token
 from train.checkpoint import Checkpointer, has_checkpoints, latest_committed_step
 from train.config import Config
+from train.diagnostics import diagnostics_for
 from train.energy import EnergyMeter
 from train.faults import Faults
 from train.fit import check_state_fits, check_step_fits
@@ -65,7 +66,7 @@ def window_metrics(fetched: list[dict]) -> dict[str, float]:
     synchronisation are states, not rates: the window's last value."""
     out = {}
     for key in fetched[0]:
-        if key in ("loss", "grad_norm", "lr", "tokens", "skipped_steps", "nonfinite_in_a_row", "flags"):
+        if key in ("loss", "grad_norm", "lr", "tokens", "skipped_steps", "nonfinite_in_a_row", "flags", "diag"):
             continue  # logged above, counted by Health, or read by the loop
         if key.startswith("sparsity") or key in STATS:
             out[key] = float(fetched[-1][key])
@@ -196,7 +197,10 @@ def _train(setup: Setup, workdir: Path, start, compiled: Compiled) -> dict:
         if jax.process_index() == 0:
             (workdir / "config.json").write_text(cfg.to_json())
             save_tokenizer(setup.data.tokenizer, workdir / "tokenizer.json")
-        metrics = MetricsWriter(workdir, enabled=jax.process_index() == 0, tensorboard=cfg.log.tensorboard)
+        wandb = {"project": cfg.log.wandb_project, "mode": cfg.log.wandb_mode, "name": cfg.name,
+                 "config": cfg.to_dict()} if cfg.log.wandb_project else None
+        metrics = MetricsWriter(workdir, enabled=jax.process_index() == 0, tensorboard=cfg.log.tensorboard,
+                                wandb=wandb)
         try:
             return _loop(setup, workdir, state, start, ckpt, metrics, preemption, compiled)
         except (TrainingHalted, RunStopped):
@@ -213,7 +217,7 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
           preemption: PreemptionGuard, compiled: Compiled) -> dict:
     cfg, tc = setup.cfg, setup.cfg.train
     metrics.truncate_after(start)  # rows past the restored step (or any rows, for a new run) belong to no checkpoint
-    progress = Progress(tc.steps, start, cfg.log.progress, enabled=jax.process_index() == 0)
+    progress = metrics.show_progress(tc.steps, start, cfg.log.progress, enabled=jax.process_index() == 0)
     n_params, mask = count_params(state["params"]), setup.mdef.trainable
     trained = "" if mask is None else f" ({trainable.count(state['params'], mask) / n_params:.1%} trained)"
     progress.log(f"meshforge: {cfg.name} | {n_params / 1e6:.2f}M params{trained} | mesh "
@@ -231,6 +235,7 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
     outputs = StepOutputs()
     health = Health(tc, int(jax.device_get(nonfinite_counts(state["opt_state"])[1])), progress.log,
                     ckpt.latest_step)
+    diagnostics = diagnostics_for(setup, progress.log)  # log.diagnostics_every: per-layer norms, warnings
     last: dict = {}
     val_loss = None
     stop = False
@@ -256,7 +261,8 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
             for at, fetched in outputs.drain():  # the steps still in flight belong in the last log row
                 health.check(at, [fetched])
         if log_now or stop:
-            last = {**rate.row(outputs.take_window(), health), **setup.host_metrics(done)}
+            last = {**rate.row(window := outputs.take_window(), health), **setup.host_metrics(done),
+                    **diagnostics.row(done, window)}
             metrics.write(done, last)
             progress.update(done, last)
         evaluated = ((tc.eval_every and done % tc.eval_every == 0) or done == tc.steps) and not stop

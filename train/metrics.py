@@ -12,12 +12,17 @@ from pathlib import Path
 
 
 class MetricsWriter:
-    def __init__(self, workdir: Path, *, enabled: bool, tensorboard: bool):
+    def __init__(self, workdir: Path, *, enabled: bool, tensorboard: bool, wandb: dict | None = None):
+        """wandb: wandb.init's project, mode, name and config, to send every row to Weights & Biases too."""
         self.enabled = enabled
         self.path = workdir / "metrics.jsonl"
         self.tb = None
+        self.wandb = None
+        self.progress: Progress | None = None
         if enabled and tensorboard:
             self.tb = summary_writer_class()(str(workdir / "tb"), flush_secs=30)
+        if enabled and wandb:
+            self.wandb = wandb_run(workdir, **wandb)
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines a killed run logged past the checkpoint we continue from."""
@@ -39,18 +44,43 @@ class MetricsWriter:
         row = {"step": int(step), **{k: json_value(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
         if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, step)
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=int(step))
+
+    def show_progress(self, total: int, start: int, mode: str, enabled: bool) -> "Progress":
+        """The run's progress display, closed with the writer (also when the run ends with an exception)."""
+        self.progress = Progress(total, start, mode, enabled)
+        return self.progress
 
     def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.wandb is not None:
+            run, self.wandb = self.wandb, None
+            run.finish()
         if self.tb is not None:
             tb, self.tb = self.tb, None
             try:
                 tb.close()
             except OSError:
                 pass  # the disk filled up: the failure is reported once, by the loop
+
+
+def wandb_run(workdir: Path, *, project: str, mode: str, name: str, config: dict):
+    """A W&B run kept in WORKDIR/wandb/, with one id per workdir so that a resumed run continues the same W&B run."""
+    import secrets
+
+    import wandb
+
+    id_file = workdir / "wandb_id.txt"
+    if not id_file.is_file():
+        id_file.write_text(secrets.token_hex(4))
+    return wandb.init(project=project, mode=mode, name=name, config=config, dir=str(workdir),
+                      id=id_file.read_text().strip(), resume="allow", settings=wandb.Settings(silent=True))
 
 
 def summary_writer_class() -> type:
@@ -122,6 +152,7 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+            self.bar = None  # later lines print plainly
 
 
 def _fmt(k: str, v) -> str:

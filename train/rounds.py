@@ -97,13 +97,14 @@ def round_plan(tx: Replicated, shapes: dict, total_steps: int, weights: np.ndarr
 
 def make_round_step(mdef: ModelDef, tx: Replicated, schedule: optax.Schedule, plan: RoundPlan, *, accum_steps: int,
                     seed: int, state_shardings: State, batch_sharding: NamedSharding,
-                    flags_sharding: NamedSharding) -> Callable:
-    """The jitted (state, batch, flags) -> (state, metrics) of a run with replicas."""
+                    flags_sharding: NamedSharding, diagnostics: int = 0) -> Callable:
+    """The jitted (state, batch, flags) -> (state, metrics) of a run with replicas. With diagnostics, each
+    replica's step computes them and metrics['diag'] is their mean over the replicas (see _reduce)."""
     cfg, mask = tx.cfg, mdef.trainable
     r, h = cfg.replicas, cfg.inner_steps
     mesh = batch_sharding.mesh
     inner_step = train_step_fn(mdef, tx.inner, schedule, accum_steps=accum_steps, seed=seed,
-                               param_shardings=state_shardings["params"])
+                               param_shardings=state_shardings["params"], diagnostics=diagnostics)
     rows = batch_sharding.spec[0]
     within = tuple(a for a in (rows if isinstance(rows, tuple) else (rows,)) if a and a != "replica")
     replica_rows = NamedSharding(mesh, PartitionSpec("replica", within or None))

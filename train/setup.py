@@ -37,6 +37,7 @@ from parallel.errors import UserError
 from parallel.hosts import StepFlags
 from parallel.mesh import batch_divisor, batch_sharding, make_mesh
 from train.config import Config
+from train.diagnostics import check_every
 from train.rounds import RoundPlan, make_round_step, round_plan
 from train.state import ModelDef, State, model_def, state_shardings
 from train.step import make_train_step
@@ -61,13 +62,16 @@ class Setup:
         """The jitted train step with this run's shardings (train and bench run this one): (state, batch,
         flags) -> (state, metrics), flags from self.flags.array()."""
         cfg = self.cfg
+        diagnostics = cfg.log.diagnostics_every
         if self.rounds is not None:
             return make_round_step(self.mdef, self.tx, self.schedule, self.rounds, accum_steps=cfg.optim.accum_steps,
                                    seed=cfg.train.seed, state_shardings=self.shardings,
-                                   batch_sharding=self.batch_sharding, flags_sharding=self.flags.sharding)
+                                   batch_sharding=self.batch_sharding, flags_sharding=self.flags.sharding,
+                                   diagnostics=diagnostics)
         return make_train_step(self.mdef, self.tx, self.schedule, accum_steps=cfg.optim.accum_steps,
                                seed=cfg.train.seed, state_shardings=self.shardings,
-                               batch_sharding=self.batch_sharding, flags_sharding=self.flags.sharding)
+                               batch_sharding=self.batch_sharding, flags_sharding=self.flags.sharding,
+                               diagnostics=diagnostics)
 
     def host_metrics(self, step: int) -> dict:
         """Figures the host adds to each log row: communication and privacy of a run with replicas."""
@@ -214,6 +218,7 @@ def build(cfg: Config, workdir: Path | None = None) -> Setup:
     mesh = make_mesh(cfg.mesh)
     check_replicas(cfg, mesh)
     check_batch(cfg, mesh)
+    check_every(cfg.log.diagnostics_every, cfg.train.log_every)
     tc = cfg.train
     data = build_pipeline(cfg.data, batch_size=tc.batch_size, seq_len=tc.seq_len, seed=tc.seed, workdir=workdir)
     cfg = resolve_model(cfg, data.tokenizer.vocab_size)
@@ -249,7 +254,8 @@ def optimizer(cfg: Config, mdef: ModelDef) -> tuple[optax.GradientTransformation
     """The optimizer chain of a run (optim and prune sections) and its learning-rate schedule."""
     try:
         axes = select(mdef.logical_axes(), mdef.trainable)
-        tx, schedule = build_optimizer(cfg.optim, cfg.train.steps, axes, cfg.prune)
+        mup = cfg.model.width_mult if cfg.model.parametrization == "mup" else None
+        tx, schedule = build_optimizer(cfg.optim, cfg.train.steps, axes, cfg.prune, mup_width_mult=mup)
         if cfg.outer.enabled:
             tx = replicated(tx, cfg.outer, layered(axes), noise_secret() if cfg.outer.private else None)
         jax.eval_shape(tx.init, select(mdef.param_shapes(), mdef.trainable))  # pruning checks its shapes here
@@ -278,7 +284,8 @@ def check_resumable(cfg: Config, workdir: Path) -> None:
     saved, now = saved_cfg.get("model", {}), dataclasses.asdict(cfg.model)
     shape_keys = ["vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "positions", "norm", "mlp",
                   "tie_embeddings", "use_bias", "head_dim", "qkv_bias", "qk_norm", "lora_rank", "lora_targets",
-                  "rope_scaling", "scan_layers", "param_dtype", "moe_experts", "moe_every", "moe_d_ff"]
+                  "rope_scaling", "scan_layers", "param_dtype", "moe_experts", "moe_every", "moe_d_ff",
+                  "parametrization", "mup_base_width"]  # muP: another model, and another optimizer-state structure
     if now["positions"] == "learned":
         shape_keys.append("max_seq_len")  # the position table's length
     diff = [f"model.{k}: {saved.get(k)} -> {now[k]}" for k in shape_keys if k in saved and saved[k] != now[k]]

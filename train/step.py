@@ -12,34 +12,42 @@ from models.loss import cross_entropy_sums
 from optim.chains import accumulate_gradients, nonfinite_counts, schedule_count
 from optim.prune import prune_metrics
 from optim.trainable import combine, select
+from train.diagnostics import layout, step_diagnostics
 from train.state import ModelDef, State
 
 
-def _forward_sums(mdef: ModelDef, params, batch, dropout_key):
-    """(loss sum, weight sum, aux): aux holds the model's MoE statistics and weighted `aux_loss` ({} if dense).
+def _forward_sums(mdef: ModelDef, params, batch, dropout_key, act_stats: bool = False):
+    """(loss sum, weight sum, aux): aux holds the model's MoE statistics and weighted `aux_loss` ({} if dense),
+    and with act_stats each layer's output mean square `act_ms` (diagnostics).
 
     The model stops at its final hidden states and the loss makes the logits a chunk at a time (models/loss.py):
     float32 (B, T, V) logits never exist at once at a large vocabulary.
     """
     model = mdef.module(params)
     x_BTD, aux = model(batch["inputs"], segment_ids_BT=batch.get("segment_ids"), positions_BT=batch.get("positions"),
-                       dropout_key=dropout_key, return_aux=True, return_hidden=True)
+                       dropout_key=dropout_key, return_aux=True, return_hidden=True, act_stats=act_stats)
     sums = cross_entropy_sums(x_BTD, model.head_weights(), batch["targets"], batch["weights"],
                               chunk_tokens=mdef.cfg.loss_chunk_tokens)
     return (*sums, aux)
 
 
 def train_step_fn(mdef: ModelDef, tx: optax.GradientTransformation, schedule: optax.Schedule, *, accum_steps: int,
-                  seed: int, param_shardings: dict) -> Callable:
+                  seed: int, param_shardings: dict, diagnostics: int = 0) -> Callable:
     """The unjitted step (state, batch, replica=None, anchor=None, prox_mu=0) -> (state, metrics).
+
+    diagnostics (log.diagnostics_every): with k > 0, metrics['diag'] holds the packed vector of
+    train/diagnostics.py on steps whose number (after the step) is a multiple of k, zeros on the others; with 0
+    none of it is traced.
 
     train/rounds.py maps it over replicas: `replica` (a traced index) gives each its own dropout stream, and
     FedProx adds prox_mu (params - anchor) to the gradient (the gradient of prox_mu/2 ||params - anchor||^2)."""
     use_dropout = mdef.cfg.dropout > 0 or (mdef.cfg.lora_rank > 0 and mdef.cfg.lora_dropout > 0)
 
     def loss_sums(params, batch, key):
-        ce_sum, weight_sum, aux = _forward_sums(mdef, params, batch, key if use_dropout else None)
+        ce_sum, weight_sum, aux = _forward_sums(mdef, params, batch, key if use_dropout else None, diagnostics > 0)
         sums = {"ce": ce_sum}
+        if diagnostics:  # token-weighted like the MoE statistics below: accumulation gives the weighted mean
+            sums["act_ms"] = aux.pop("act_ms") * weight_sum
         if "aux_loss" in aux:
             # MoE aux losses are means over this micro-batch; scaled by its token weight they join the sums, so
             # the one division by the total weight gives their weighted mean, however the batch is split.
@@ -49,6 +57,7 @@ def train_step_fn(mdef: ModelDef, tx: optax.GradientTransformation, schedule: op
         return ce_sum, (weight_sum, sums)
 
     mask = mdef.trainable  # frozen parameters get no gradient, no optimizer state, no update
+    lay = layout(mdef.cfg, mdef.param_shapes(), mdef.logical_axes(), mask) if diagnostics else None
 
     def train_step(state: State, batch: dict, replica=None, anchor=None, prox_mu: float = 0.0
                    ) -> tuple[State, dict]:
@@ -76,6 +85,13 @@ def train_step_fn(mdef: ModelDef, tx: optax.GradientTransformation, schedule: op
         metrics = {"loss": sums.pop("ce") / denom, "grad_norm": optax.tree.norm(grads), "lr": lr,
                    "tokens": weight_sum, "skipped_steps": skipped, "nonfinite_in_a_row": in_a_row,
                    **{k: v / denom for k, v in sums.items()}, **prune_metrics(opt_state)}
+        if diagnostics:
+            act_ms = metrics.pop("act_ms")  # the forward pass's part is cheap (L means): every step computes it
+            packed = lambda: step_diagnostics(lay, grads, updates, trained, act_ms)  # noqa: E731
+            # Three more passes over the parameters (a few % of a small model's CPU step: README, Training
+            # diagnostics), so only the steps that are logged make them.
+            metrics["diag"] = packed() if diagnostics == 1 else jax.lax.cond(
+                (state["step"] + 1) % diagnostics == 0, packed, lambda: jnp.zeros(len(lay.names()), jnp.float32))
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return train_step
@@ -83,13 +99,13 @@ def train_step_fn(mdef: ModelDef, tx: optax.GradientTransformation, schedule: op
 
 def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                     accum_steps: int, seed: int, state_shardings: State, batch_sharding: NamedSharding,
-                    flags_sharding: NamedSharding | None = None) -> Callable:
+                    flags_sharding: NamedSharding | None = None, diagnostics: int = 0) -> Callable:
     """The jitted step (state, batch) -> (state, metrics). With flags_sharding it takes a third argument, the
     host flags of parallel.hosts.StepFlags (a row per device, or one replicated row in a single process), and
     returns their max over the rows as metrics['flags']: every process reads the same decision from the same
     step, without a host round trip."""
     train_step = train_step_fn(mdef, tx, schedule, accum_steps=accum_steps, seed=seed,
-                               param_shardings=state_shardings["params"])
+                               param_shardings=state_shardings["params"], diagnostics=diagnostics)
     if flags_sharding is None:
         return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
                        out_shardings=(state_shardings, None), donate_argnums=0)
