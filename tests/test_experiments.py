@@ -44,6 +44,8 @@ SHORT = {
     "shakespeare_diloco": (["--train.steps", "60", "--outer.inner_steps", "20"], char_unigram_entropy()),
     # 6 rounds of 4 of 16 non-IID clients, evaluated on the first (Shakespeare) validation rows (3.507 [0.39])
     "federated_noniid": (["--train.steps", "60", "--outer.inner_steps", "10", "--optim.warmup_steps", "10"], 3.9),
+    # the muP base model at its tuned lr (2.588 [0.72])
+    "mup_transfer": (["--train.steps", "60"], char_unigram_entropy()),
 }
 
 
@@ -86,6 +88,8 @@ DOCUMENTED = {
     # "this file | 1.8066" (4 DiLoCo replicas) and "FedAvg, Dirichlet 0.1 (this file): 1.4590"
     "shakespeare_diloco": {2000: ("val_loss", 1.8066, 0.0005)},
     "federated_noniid": {1000: ("val_loss", 1.4590, 0.0005)},
+    # "`meshforge train experiments/mup_transfer.py` reaches validation loss 2.234 after 200 steps"
+    "mup_transfer": {200: ("val_loss", 2.234, 0.0005)},
 }
 
 
