@@ -245,6 +245,10 @@ def run(verb: str, argv: list[str]) -> int:
 
         print(json.dumps(export_run(Path(args.run), args.format, Path(args.out), args.step, args)))
         return 0
+    if verb in ("report", "sweep"):
+        for module in ("optuna", "matplotlib") if verb == "report" else ("optuna",):
+            if importlib.util.find_spec(module) is None:
+                raise UserError(f"meshforge {verb} needs {module}: pip install -e '.[lab]'")
     if verb == "report":
         from lab.report import report
 
