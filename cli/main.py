@@ -71,8 +71,8 @@ def _parser(verb: str) -> argparse.ArgumentParser:
     if verb == "report":
         p.add_argument("runs", nargs="+", help="runs' workdirs (metrics.jsonl, summary.json) and sweep folders "
                        "(trials.json)")
-        p.add_argument("--out", help="folder for report.md and the PNGs (default: REPORT beside the first run, "
-                       "RUN/report)")
+        p.add_argument("--out", help="folder for report.md and the PNGs (default: RUN/report for one run or "
+                       "sweep, ./report for several)")
         return p
     if verb == "plan":
         p.add_argument("experiment", nargs="?", help="experiment file (or --params N)")
@@ -97,7 +97,7 @@ def _parser(verb: str) -> argparse.ArgumentParser:
     p.add_argument("experiment", nargs=None if needs_experiment else "?", help="experiment file, e.g. "
                    "experiments/shakespeare_char.py")
     p.add_argument("--workdir", help="the sweep's folder: trial_<number>/ runs, trials.json, best_experiment.py, "
-                   "study.db (default: runs/sweeps/<experiment name>)" if verb == "sweep" else
+                   "study.db (default: runs/sweeps/<study name>)" if verb == "sweep" else
                    "run directory (default: runs/<experiment name>)")
     if verb in ("train", "sweep"):
         p.add_argument("--coordinator", help="multi-process: address of process 0, host:port")

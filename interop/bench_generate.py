@@ -18,7 +18,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,23 +32,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from parallel.errors import UserError  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
+from train.hardware import cpu_model, load_average  # noqa: E402,F401  (bench_edge, bench_torch use them)
 
 
 def make_model(folder: Path, seed: int = 0) -> dict:

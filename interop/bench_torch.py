@@ -23,9 +23,7 @@ from optim.chains import OptimConfig
 from parallel.errors import UserError
 from train.bench import StepTimer, bench, check_steps
 from train.config import Config
-
-VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "neon", "asimd", "sve")
-
+from train.hardware import vector_extensions  # noqa: F401  (bench_edge uses it from here)
 
 def check_supported(m: ModelConfig, o: OptimConfig) -> None:
     """One line naming the field the reference does not implement."""
@@ -43,18 +41,6 @@ def check_supported(m: ModelConfig, o: OptimConfig) -> None:
         if value != want:
             raise UserError(f"{key}: --compare torch times the dense float32 AdamW model only (got {value!r}); "
                             f"set {key} {want} for the comparison")
-
-
-def vector_extensions() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags |= set(line.split(":", 1)[1].split())
-    return [f for f in VECTOR_FLAGS if f in flags]
 
 
 class TorchTimer:

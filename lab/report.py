@@ -8,6 +8,7 @@ importances (Optuna's fANOVA over the finished trials). Every PNG is FIGSIZE at 
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import re
@@ -198,12 +199,13 @@ def sweep_section(path: Path, out: Path) -> str:
                    label="pruned (last reported)")
     style(ax, f"{data.get('metric', 'objective')} per trial", False)
     ax.set_xlabel("trial")
+    colours = {"COMPLETE": "C0", "PRUNED": "C1"}
     for t in trials:
         if t["intermediate"]:
             steps = sorted(t["intermediate"], key=int)
-            curves.plot([int(s) for s in steps], [t["intermediate"][s] for s in steps],
-                        color="C1" if t["state"] == "PRUNED" else "C0", alpha=0.7)
-    style(curves, "validation loss of each trial (orange: pruned)", False, legend=False)
+            curves.plot([int(s) for s in steps], [t["intermediate"][s] for s in steps], marker="o", markersize=3,
+                        color=colours.get(t["state"], "grey"), alpha=0.7)
+    style(curves, "validation loss of each trial (orange: pruned, grey: failed)", False, legend=False)
     trials_png = f"sweep_{tag}_trials.png"
     save(fig, f"Sweep {data.get('study', path.name)}", out / trials_png)
     images = [("Trials", trials_png)]
@@ -217,10 +219,13 @@ def sweep_section(path: Path, out: Path) -> str:
         save(fig, "Parameter importances", out / f"sweep_{tag}_importance.png")
         images.append(("Parameter importances", f"sweep_{tag}_importance.png"))
 
-    counts = {s: sum(t["state"] == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
+    for t in trials:  # a trial whose worker died was queued again under a new number: not a result
+        t["shown"] = "requeued" if t.get("counted") is False and t["state"] == "FAIL" else t["state"].lower()
+    counts = collections.Counter(t["shown"] for t in trials)
     best = min(done, key=lambda t: t["value"]) if done else None
     lines = [f"## Sweep `{data.get('study', path.name)}` ({path})", "",
-             ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n) + "."]
+             ", ".join(f"{counts[s]} {s}" for s in ("complete", "pruned", "fail", "requeued", "running", "waiting")
+                       if counts[s]) + "."]
     if best:
         lines.append(f"Best: trial {best['number']}, {data.get('metric', 'value')} {best['value']:.5g}, "
                      + ", ".join(f"`{k}` = {cell(v)}" for k, v in best["params"].items()) + ".")
@@ -230,7 +235,7 @@ def sweep_section(path: Path, out: Path) -> str:
     lines += ["", "| trial | state | value | " + " | ".join(keys) + " | note |", "|" + "---|" * (len(keys) + 4)]
     for t in trials:
         note = t.get("error") or (f"pruned at step {t['pruned_at']}" if t.get("pruned_at") else "")
-        lines.append(f"| {t['number']} | {t['state'].lower()} | {cell(t['value'])} | "
+        lines.append(f"| {t['number']} | {t['shown']} | {cell(t['value'])} | "
                      + " | ".join(cell(t["params"].get(k)) for k in keys) + f" | {note} |")
     return "\n".join(lines) + "\n\n" + "\n\n".join(f"![{t}]({f})" for t, f in images)
 

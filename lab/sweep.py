@@ -35,6 +35,7 @@ from lab.sweep_study import HEARTBEAT, HEARTBEAT_S, OWNER, RETRY_OF, Heartbeat, 
     finished, open_storage, owner, rank, requeue_stale, set_aside, shown, tally, trial_id, write_best, write_trials
 from parallel.errors import UserError
 from train.config import SECTIONS, Config, apply_overrides, field_types, parse_value
+from train.hardware import cpu_model
 from train.health import RunStopped, TrainingHalted
 from train.workdir import StorageError
 
@@ -186,7 +187,7 @@ def prepare(args, base: Config, overrides: dict[str, str], command: str) -> tupl
     space_path = Path(args.space)
     space = load_space(args.space)
     first = check_space(space, space_path, base, overrides)
-    workdir = Path(args.workdir) if args.workdir else Path("runs") / "sweeps" / base.name
+    workdir = Path(args.workdir) if args.workdir else Path("runs") / "sweeps" / (args.study or base.name)
     spec = SweepSpec(
         experiment=Path(args.experiment), base=base, overrides=dict(overrides), space_path=space_path, space=space,
         trials=args.trials, workdir=workdir, study=args.study or base.name,
@@ -234,11 +235,29 @@ def open_study(spec: SweepSpec) -> optuna.Study:
     except ValueError as e:  # e.g. a study of that name that maximises
         raise UserError(f"--study {spec.study}: {e}; give another --study") from None
     spec.workdir.mkdir(parents=True, exist_ok=True)
+    check_same_search(study, spec)
     if not study.user_attrs:  # what the study is a search of, for whoever opens it later (meshforge report)
         for key, value in (("experiment", str(spec.experiment)), ("space", str(spec.space_path)),
                            ("overrides", spec.overrides), ("command", spec.command), ("metric", "val_loss")):
             study.set_user_attr(key, value)
     return study
+
+
+def check_same_search(study: optuna.Study, spec: SweepSpec) -> None:
+    """A sweep folder holds one study (trial folders are named by number), and a study one search: joining it
+    with another experiment, space or overrides would mix results that cannot be compared."""
+    listed = spec.workdir / "trials.json"
+    if listed.is_file():
+        other = json.loads(listed.read_text()).get("study")
+        if other not in (None, spec.study):
+            raise UserError(f"--workdir {spec.workdir}: holds the trials of study {other!r}, not {spec.study!r}; "
+                            f"give another --workdir (or --study {other} to continue that one)")
+    was = study.user_attrs
+    now = {"experiment": str(spec.experiment), "space": str(spec.space_path), "overrides": spec.overrides}
+    for key, value in now.items():
+        if key in was and was[key] != value:
+            raise UserError(f"--study {spec.study}: the study was started with {key} {was[key]!r}, not {value!r}; "
+                            "rerun it with the same ones, or give another --study")
 
 
 def say(msg: str) -> None:
@@ -379,17 +398,33 @@ def hardware() -> str:
 
     kind = jax.devices()[0].device_kind
     if jax.devices()[0].platform == "cpu":
-        try:
-            names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                     if ln.startswith("model name")]
-            kind = f"{names[0]} CPU" if names else kind
-        except OSError:
-            pass
+        kind = f"{cpu_model()} CPU"
     processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
     return f"{jax.device_count()} x {kind} device{'s' if jax.device_count() > 1 else ''}{processes}"
 
 
 # -------------------------------------------------------------------------------------------- every process
+
+
+def from_main(fn: Callable[[], Any] | None) -> Any:
+    """fn() on process 0 (fn is None elsewhere), its result on every process. If it raises there (a storage
+    failure, say), every process raises too, instead of the others waiting in the next broadcast for ever."""
+    import jax
+
+    if jax.process_count() == 1:
+        return fn() if fn else None
+    failure = None
+    try:
+        result = {"value": fn() if fn else None}
+    except Exception as e:  # noqa: BLE001 (shared, then raised again below)
+        failure, result = e, {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                              "user": isinstance(e, UserError)}
+    result = share(result)
+    if failure is not None:
+        raise failure
+    if "error" in result:
+        raise (UserError if result["user"] else RuntimeError)(f"process 0: {result['error']}")
+    return result["value"]
 
 
 def share(value: Any) -> Any:
@@ -409,8 +444,7 @@ def share(value: Any) -> Any:
 
 def pruning_hook(driver: Driver | None, last_step: int) -> Callable[[int, float], None]:
     def on_eval(step: int, val_loss: float) -> None:
-        prune = driver.should_prune(step, val_loss, last_step) if driver else False
-        if share(prune):
+        if from_main((lambda: driver.should_prune(step, val_loss, last_step)) if driver else None):
             raise Pruned(step, val_loss)
     return on_eval
 
@@ -463,7 +497,7 @@ def run_sweep(spec: SweepSpec, initial: Callable | None = None) -> int:
     driver = Driver(spec, opened[0]) if main else None
     if driver:
         driver.start()
-    while (job := share(driver.next_job() if driver else None)) is not None:
+    while (job := from_main(driver.next_job if driver else None)) is not None:
         if "stop" in job:
             raise UserError(job["stop"])
         try:

@@ -46,9 +46,10 @@ def test_two_processes_match_one(tmp_path):
     r = meshforge("train", *ARGS, "--workdir", single, devices=4)
     assert r.returncode == 0, r.stderr
     np.testing.assert_allclose(_losses(multi), _losses(single), rtol=1e-5)
-    # Energy accounting sums the hosts: two processes count twice the chip-hours per wall second of one.
+    # Energy accounting counts a machine's CPU once, however many processes run on it: both processes here share
+    # this host's cores, so they count the chip-hours per wall second of one process.
     per_s = [(s := json.loads((w / "summary.json").read_text()))["chip_hours"] / s["wall_s"] for w in (multi, single)]
-    assert 1.6 < per_s[0] / per_s[1] < 2.4, per_s
+    assert 0.7 < per_s[0] / per_s[1] < 1.4, per_s
 
     # The 2-process checkpoint restores in one process (here a single device).
     evals = [meshforge("eval", "--workdir", w, "--mesh.fsdp", "1", "--mesh.data", "-1", devices=1) for w in (multi, single)]

@@ -137,6 +137,14 @@ def test_adam_update_is_scaled_per_layer_weight_decay_included():
     for (path, want), got in zip(flat, jax.tree.leaves(updates[cfg.width_mult])):
         factor = 0.25 if HIDDEN.search("/" + path_name(path)) else 1.0
         np.testing.assert_allclose(got, want * factor, rtol=1e-6, err_msg=path_name(path))
+    # A run's own chain (train.setup.optimizer, what `meshforge train --model.parametrization mup` builds) is it.
+    from train.config import Config, TrainConfig
+    from train.setup import optimizer
+
+    tx = optimizer(Config(model=cfg, optim=optim, train=TrainConfig(steps=10)), model_def(cfg))[0]
+    run = jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])(grads, params)
+    for got, want in zip(jax.tree.leaves(run), jax.tree.leaves(updates[cfg.width_mult])):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_mup_forward_and_cached_forward_agree():

@@ -187,9 +187,16 @@ def test_failed_trials_keep_their_error_and_the_sweep_goes_on(files):
     assert len([ln for ln in r.stdout.splitlines() if "| failed: model.d_model (32) must be divisible" in ln]) == 4
     assert "none completed, so there is no best trial yet" in r.stdout
 
+    # One study per sweep folder, and one search per study: both refused before any trial runs.
+    r = meshforge(*_sweep_args(files, "--trials", 8, "--study", "other"))
+    assert r.returncode == 2 and "holds the trials of study 'tiny', not 'other'" in r.stderr, r.stderr
+    r = meshforge(*_sweep_args(files, "--trials", 8, "--train.steps", "8"))
+    assert r.returncode == 2 and "the study was started with overrides" in r.stderr, r.stderr
+    assert len(_study(files / "sweep").trials) == 4
+
     (files / "space.py").write_text(SPACE)
-    r = meshforge(*_sweep_args(files, "--trials", 8, "--study", "broken", "--data.path", files / "missing.txt"),
-                  timeout=300)
+    r = meshforge("sweep", files / "tiny.py", "--space", files / "space.py", "--workdir", files / "broken",
+                  "--trials", 8, "--study", "broken", "--data.path", files / "missing.txt", timeout=300)
     assert r.returncode == 2 and "the first 3 trials all failed with the same error" in r.stderr.splitlines()[-1]
     assert "data.path: file not found" in r.stderr.splitlines()[-1]
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.transformer import ModelConfig
-from train.hardware import CHIPS
+from train.hardware import CHIPS, chip_for_kind
 
 # Dense peak TFLOP/s per chip, (device_kind substring, bfloat16, float32 at JAX's DEFAULT matmul precision), from
 # the chip table (train/hardware.py). Checked in order: the first name contained in jax's device_kind wins.
@@ -47,11 +47,9 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def table_peak(device_kind: str, dtype: str) -> float | None:
-    """Peak FLOP/s per chip from PEAK_TFLOPS, or None for a device it does not know."""
-    for name, bf16, fp32 in PEAK_TFLOPS:
-        if name.lower() in device_kind.lower():
-            return 1e12 * (bf16 if dtype == "bfloat16" else fp32)
-    return None
+    """Peak FLOP/s per accelerator chip from the chip table, or None for a device it does not know (or a CPU)."""
+    chip = chip_for_kind(device_kind, "accelerator")
+    return 1e12 * (chip.bf16_tflops if dtype == "bfloat16" else chip.fp32_tflops) if chip else None
 
 
 @functools.lru_cache(maxsize=None)

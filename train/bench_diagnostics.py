@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import statistics
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import jax
 
 from train.bench import StepTimer, check_steps
 from train.config import Config
+from train.hardware import cpu_model
 
 CHUNK = 5  # steps each timer runs before the next takes its turn
 
@@ -67,15 +67,7 @@ def compare_diagnostics(cfg: Config, *, steps: int = 40, warmup: int = 3, json_p
 def device_name() -> str:
     """The accelerator's kind, or on a CPU its model name (as lscpu gives it)."""
     device = jax.devices()[0]
-    if device.platform != "cpu":
-        return device.device_kind
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return device.device_kind if device.platform != "cpu" else cpu_model()
 
 
 def format_table(r: dict) -> str:

@@ -13,13 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from interop.bench_generate import cpu_model, load_average
+from train.hardware import cpu_model, load_average, vector_extensions
 from train.bench import bench, check_steps
 from train.config import Config
 
 
 def compare_train(cfg: Config, *, steps: int, warmup: int, json_path: str | None) -> dict:
-    from interop.bench_torch import vector_extensions
     from train.loop import train
 
     check_steps(steps, warmup)  # before anything is compiled

@@ -80,9 +80,6 @@ class LogConfig:
     exploding_factor: float = 100.0
 
     def __post_init__(self):
-        if self.wandb_project and importlib.util.find_spec("wandb") is None:
-            raise ValueError("log.wandb_project: W&B is not installed; pip install wandb (or the lab extra), or "
-                             "leave log.wandb_project empty")
         if self.diagnostics_every < 0:
             raise ValueError(f"log.diagnostics_every must be >= 0 (0: off), got {self.diagnostics_every}")
         for name in ("vanishing_factor", "exploding_factor"):

@@ -16,7 +16,10 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import socket
+import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Literal
 
@@ -54,14 +57,35 @@ class AccountingConfig:
 
 
 class Rapl:
-    """Joules since construction from the RAPL package counters, unwrapped (they wrap at max_energy_range_uj)."""
+    """Joules since construction from the RAPL package counters, unwrapped. The counters wrap at
+    max_energy_range_uj (about 262 kJ: 20 minutes at 200 W), so a thread also reads them every SAMPLE_S seconds:
+    log rows may be further apart than that. Only the package zones count (a client CPU's psys zone contains the
+    package: counting both would count it twice)."""
 
     method = "measured: RAPL package counters"
+    SAMPLE_S = 60.0
 
     def __init__(self, root: str = "/sys/class/powercap"):
-        self.paths = [Path(p) for p in sorted(glob.glob(f"{root}/intel-rapl:[0-9]*")) if ":" not in Path(p).name[11:]]
+        zones = [Path(p) for p in sorted(glob.glob(f"{root}/intel-rapl:[0-9]*")) if ":" not in Path(p).name[11:]]
+        self.paths = [p for p in zones if zone_name(p).startswith("package")]
         self.last = [self._read(p) for p in self.paths]
         self.total_uj = 0
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+
+    def start_sampling(self) -> Rapl:
+        threading.Thread(target=self._sample, name="meshforge-rapl", daemon=True).start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.stopped.wait(self.SAMPLE_S):
+            try:
+                self.joules()
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.stopped.set()
 
     @staticmethod
     def _read(path: Path) -> int:
@@ -73,17 +97,25 @@ class Rapl:
             rapl = cls()
         except (OSError, ValueError):
             return None
-        return rapl if rapl.paths else None
+        return rapl.start_sampling() if rapl.paths else None
 
     def joules(self) -> float:
-        for i, path in enumerate(self.paths):
-            now = self._read(path)
-            delta = now - self.last[i]
-            if delta < 0:  # the counter wrapped
-                delta += int((path / "max_energy_range_uj").read_text())
-            self.total_uj += delta
-            self.last[i] = now
-        return self.total_uj / 1e6
+        with self.lock:
+            for i, path in enumerate(self.paths):
+                now = self._read(path)
+                delta = now - self.last[i]
+                if delta < 0:  # the counter wrapped
+                    delta += int((path / "max_energy_range_uj").read_text())
+                self.total_uj += delta
+                self.last[i] = now
+            return self.total_uj / 1e6
+
+
+def zone_name(path: Path) -> str:
+    try:
+        return (path / "name").read_text().strip()
+    except OSError:
+        return "package"  # a zone without a name file: old kernels name only packages
 
 
 class Nvml:
@@ -123,7 +155,9 @@ def nvml_handle(pynvml, ordinal: int):
 
 
 class EnergyMeter:
-    """This host's figures since its start, plus the totals of the runs before a resume (`prior`, all hosts)."""
+    """This process's figures since `started`, summed over processes, plus the totals of the sessions before a
+    resume (`prior`). The host's CPU (its cores, its RAPL counters) is counted by one process per host, the
+    accelerators by the process that drives them. Create it where the command starts: counters count from here."""
 
     def __init__(self, cfg: AccountingConfig, started: float, prior: dict | None = None,
                  devices: list | None = None, counters: bool = True):
@@ -131,13 +165,14 @@ class EnergyMeter:
         platform = devices[0].platform
         self.cfg, self.started, self.prior = cfg, started, dict(prior or {})
         self.on_cpu = platform == "cpu"
+        self.counts_host = first_on_host()
         self.chip = chip_for_kind(devices[0].device_kind, platform) or UNKNOWN_CHIP
-        self.chips = len(os.sched_getaffinity(0)) if self.on_cpu else len(devices)
+        self.chips = (len(os.sched_getaffinity(0)) * self.counts_host) if self.on_cpu else len(devices)
         self.watts = cfg.chip_watts or self.chip.watts
         self.price = cfg.usd_per_chip_hour or self.chip.usd_per_hour
         self.intensity, self.intensity_source = carbon_intensity(cfg.region, cfg.carbon_intensity, cfg.carbon_source)
         measure = counters and cfg.measure == "auto"
-        self.rapl = Rapl.open() if measure else None
+        self.rapl = Rapl.open() if measure and self.counts_host else None
         self.nvml = Nvml.open(devices) if measure and platform == "gpu" else None
 
     def methods(self) -> dict[str, str]:
@@ -175,16 +210,39 @@ class EnergyMeter:
         return np.array([chip_h, busy_chip_h, acc_kwh, cpu_kwh, chip_h * self.price], np.float64)
 
     def totals(self, busy_s: float, now: float | None = None) -> dict[str, float]:
-        """The run's totals over all hosts (a collective: every process calls it at the same step)."""
-        per_host = self.local(busy_s, now)
+        """The run's totals over all processes (a collective: every process calls it at the same step)."""
+        summed = self.local(busy_s, now)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            per_host = np.asarray(multihost_utils.process_allgather(per_host)).reshape(-1, per_host.size).sum(0)
-        return self.add_prior(totals_from(per_host, self.cfg.pue, self.intensity, bool(self.price)))
+            # float32 on the wire (jax without x64): send each figure as float32 head + remainder
+            head = summed.astype(np.float32)
+            parts = np.stack([head, (summed - head).astype(np.float32)])
+            gathered = np.asarray(multihost_utils.process_allgather(parts), np.float64)
+            summed = gathered.reshape(-1, 2, summed.size).sum(axis=(0, 1))
+        return self.add_prior(totals_from(summed, self.cfg.pue, self.intensity, bool(self.price)))
+
+    def close(self) -> None:
+        if self.rapl is not None:
+            self.rapl.close()
 
     def add_prior(self, totals: dict[str, float]) -> dict[str, float]:
         return {k: (v + (self.prior.get(k) or 0.0) if v is not None else None) for k, v in totals.items()}
+
+
+def first_on_host() -> bool:
+    """Whether this process is the lowest-numbered one on its machine (a collective with several processes)."""
+    if jax.process_count() == 1:
+        return True
+    from jax.experimental import multihost_utils
+
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    key = zlib.crc32(f"{socket.gethostname()}/{boot}".encode()) & 0x7FFFFFFF
+    keys = np.asarray(multihost_utils.process_allgather(np.array([key], np.int32))).ravel()
+    return int(np.flatnonzero(keys == key)[0]) == jax.process_index()
 
 
 def totals_from(summed: np.ndarray, pue: float, g_per_kwh: float, priced: bool) -> dict[str, float]:

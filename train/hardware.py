@@ -11,7 +11,10 @@ averages for 2023 (Ember, via Our World in Data); set `accounting.carbon_intensi
 from __future__ import annotations
 
 import dataclasses
+import os
+import platform
 import re
+from pathlib import Path
 
 from parallel.errors import UserError
 
@@ -69,17 +72,54 @@ def by_name(name: str, field: str = "--hardware") -> Chip:
 
 
 def parse_hardware(text: str) -> tuple[Chip, int]:
-    """'v5p-256' -> (v5p, 128 chips: the suffix counts TensorCores there), 'h100-8' -> (h100, 8), 'cpu-16'."""
-    m = re.fullmatch(r"([a-z0-9]+(?:-pcie)?)-(\d+)", text.strip().lower())
+    """'v5p-256' -> (v5p, 128 chips: the suffix counts TensorCores there), 'v5e-64' or Cloud's 'v5litepod-64' ->
+    (v5e, 64), 'h100-8' -> (h100, 8), 'cpu-16'."""
+    m = re.fullmatch(r"([a-z0-9]+(?:-pcie)?)-(\d+)", text.strip().lower().replace("v5litepod", "v5e"))
     if not m:
         raise UserError(f"--hardware: {text!r} is not NAME-COUNT (e.g. v5p-256, v5e-64, h100-8, cpu-16); names: "
                         f"{', '.join(c.name for c in CHIPS + (CPU_CORE,))}")
     chip = by_name(m.group(1))
     count = int(m.group(2))
+    if count < 1:
+        raise UserError(f"--hardware: {text}: the count must be at least 1")
     if count < chip.cores_in_name or count % chip.cores_in_name:
         raise UserError(f"--hardware: {text}: {chip.name} slice names count TensorCores, {chip.cores_in_name} per "
                         f"chip; use a multiple of {chip.cores_in_name}")
     return chip, count // chip.cores_in_name
+
+
+def cpu_model() -> str:
+    """The CPU's model name as lscpu gives it: every benchmark names the machine its figures come from."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "neon", "asimd", "sve")
+
+
+def vector_extensions() -> list[str]:
+    """The CPU's vector instruction sets: what makes the same step 43 ms on one machine and 73 ms on another."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags |= set(line.split(":", 1)[1].split())
+    return [f for f in VECTOR_FLAGS if f in flags]
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
 
 
 def carbon_intensity(region: str, value: float, source: str) -> tuple[float, str]:

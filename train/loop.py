@@ -7,6 +7,7 @@ storage failures reported in one line without touching the last valid checkpoint
 from __future__ import annotations
 
 import collections
+import importlib.util
 import json
 import math
 import statistics
@@ -29,9 +30,10 @@ from parallel.mesh import padded_rows
 from parallel.rules import activate
 from train.accounting import device_peak, mfu, train_flops_per_token
 from train.checkpoint import Checkpointer, has_checkpoints, latest_committed_step
+from parallel.errors import UserError
 from train.config import Config
 from train.diagnostics import diagnostics_for
-from train.energy import EnergyMeter
+from train.energy import TOTALS, EnergyMeter
 from train.faults import Faults
 from train.fit import check_state_fits, check_step_fits
 from train.health import Health, RunStopped, TrainingHalted
@@ -132,6 +134,7 @@ class Compiled(NamedTuple):
     started: float  # perf_counter() when the command started: wall and start-up times count from there
     on_eval: Callable[[int, float], None] | None = None  # train()'s hook, called after each evaluation
     resumed: dict | None = None  # the extras of the checkpoint a resumed run starts from
+    meter: EnergyMeter | None = None  # energy, carbon and cost since the command started
 
 
 def train(cfg: Config, workdir: Path, fresh: bool = False, initial: Callable | None = None,
@@ -143,6 +146,10 @@ def train(cfg: Config, workdir: Path, fresh: bool = False, initial: Callable | N
     subclass) to end the run there."""
     started = time.perf_counter() if started is None else started
     workdir = Path(workdir)
+    if cfg.log.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise UserError("log.wandb_project: W&B is not installed; pip install wandb (or the lab extra), or leave "
+                        "log.wandb_project empty")
+    meter = EnergyMeter(cfg.accounting, started)  # its counters count start-up and compilation too
     resuming = has_checkpoints(workdir / "checkpoints") and not fresh
     setup = build(cfg, workdir if resuming else None)  # validates everything before any file is written
     if resuming:
@@ -164,13 +171,14 @@ def train(cfg: Config, workdir: Path, fresh: bool = False, initial: Callable | N
         if fresh:
             barrier("fresh")  # no process lists the workdir before the archive move is done
         start = target if resuming else (lambda sh: initial(setup.mdef, sh)) if initial else None
-        return _train(setup, workdir, start, Compiled(step, seconds, started, on_eval))
+        return _train(setup, workdir, start, Compiled(step, seconds, started, on_eval, meter=meter))
     except Exception as e:
         if is_storage_failure(e):
             raise storage_error(workdir, e, latest_committed_step(workdir / "checkpoints")) from None
         raise
     finally:
         setup.data.close()  # stop the prefetch thread
+        meter.close()
         if lock:
             lock.release()
 
@@ -216,6 +224,8 @@ def _train(setup: Setup, workdir: Path, start, compiled: Compiled) -> dict:
 def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, metrics: MetricsWriter,
           preemption: PreemptionGuard, compiled: Compiled) -> dict:
     cfg, tc = setup.cfg, setup.cfg.train
+    if start:  # the totals go on from the killed session's last log row (work redone since counts twice)
+        compiled.meter.prior = metrics.last_values(TOTALS) or (compiled.resumed or {}).get("accounting") or {}
     metrics.truncate_after(start)  # rows past the restored step (or any rows, for a new run) belong to no checkpoint
     progress = metrics.show_progress(tc.steps, start, cfg.log.progress, enabled=jax.process_index() == 0)
     n_params, mask = count_params(state["params"]), setup.mdef.trainable
@@ -226,7 +236,7 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
     progress.log("config: " + json.dumps(cfg.to_dict(), separators=(",", ":")))
     progress.log(f"compiled the train step in {compiled.seconds:.1f}s")
 
-    rate = Throughput(cfg, compiled.started, (compiled.resumed or {}).get("accounting"))
+    rate = Throughput(cfg.model, tc.seq_len, compiled.started, compiled.meter)
     evaluations = Evaluations(setup, metrics, progress, rate, compiled.on_eval)
     task_scores: dict = {}
     faults = Faults()
@@ -326,11 +336,11 @@ class Throughput:
     (train/energy.py) count the time between log rows as busy, and the rest of the wall time as idle.
     """
 
-    def __init__(self, cfg: Config, started: float, prior_energy: dict | None = None):
-        self.flops_per_token = train_flops_per_token(cfg.model, cfg.train.seq_len)
-        self.peak, _ = device_peak(cfg.model.dtype)
+    def __init__(self, model_cfg, seq_len: int, started: float, energy: EnergyMeter):
+        self.flops_per_token = train_flops_per_token(model_cfg, seq_len)
+        self.peak, _ = device_peak(model_cfg.dtype)
         self.started = started  # perf_counter() when the command started
-        self.energy = EnergyMeter(cfg.accounting, started, prior_energy)
+        self.energy = energy
         self.busy_s = 0.0
         self.step_s: list[float] = []
         self.window_ms: list[float] = []  # each log row's mean: the median's stand-in when no two steps ran in a row

@@ -38,6 +38,19 @@ class MetricsWriter:
                 pass  # a line cut short by a kill
         self.path.write_text("".join(ln + "\n" for ln in keep))
 
+    def last_values(self, keys: tuple[str, ...]) -> dict | None:
+        """The last row's values of `keys` (a row that has the first of them), before truncate_after drops it."""
+        if not (self.enabled and self.path.exists()):
+            return None
+        for ln in reversed(self.path.read_text().splitlines()):
+            try:
+                row = json.loads(ln)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if keys[0] in row:
+                return {k: row.get(k) for k in keys}
+        return None
+
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return

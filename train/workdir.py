@@ -12,7 +12,8 @@ from pathlib import Path
 
 from parallel.errors import UserError
 
-RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "summary.json", "tb", "checkpoints")
+RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "summary.json", "tb", "checkpoints", "wandb",
+             "wandb_id.txt")
 
 
 class StorageError(UserError):
