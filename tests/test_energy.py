@@ -10,7 +10,7 @@ import types
 import pytest
 
 from parallel.errors import UserError
-from tests.helpers import meshforge
+from helpers import meshforge
 from train.energy import AccountingConfig, EnergyMeter, Rapl
 from train.hardware import CHIPS, chip_for_kind, parse_hardware
 

@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from lab.plan import count_model_params
-from tests.helpers import TINY, meshforge
+from helpers import TINY, meshforge
 from train.accounting import train_flops_per_token
 from train.state import model_def
 

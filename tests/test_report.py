@@ -7,12 +7,15 @@ import re
 import struct
 from pathlib import Path
 
-import optuna
 import pytest
-from PIL import Image
 
-from lab.report import DPI, FIGSIZE
-from tests.helpers import meshforge
+optuna = pytest.importorskip("optuna")  # the lab extra: optuna, matplotlib (with PIL), wandb
+pytest.importorskip("matplotlib")
+pytest.importorskip("wandb")
+from PIL import Image  # noqa: E402
+
+from helpers import meshforge  # noqa: E402
+from lab.report import DPI, FIGSIZE  # noqa: E402
 
 SIZE = (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))
 

@@ -6,12 +6,13 @@ import signal
 import time
 from pathlib import Path
 
-import optuna
 import pytest
-from optuna.trial import TrialState
 
-from helpers import REPO, meshforge, start_meshforge, tree_digest
-from lab.sweep_study import OWNER, RETRY_OF, UNCOUNTED, HEARTBEAT, counted, requeue_stale
+optuna = pytest.importorskip("optuna")  # the lab extra (the newest-stack CI installs only test-core)
+from optuna.trial import TrialState  # noqa: E402
+
+from helpers import REPO, meshforge, start_meshforge, tree_digest  # noqa: E402
+from lab.sweep_study import OWNER, RETRY_OF, UNCOUNTED, HEARTBEAT, counted, requeue_stale  # noqa: E402
 
 TINY = {"model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2, "train.seq_len": 16, "train.batch_size": 4,
         "train.steps": 12, "train.eval_every": 4, "train.eval_batches": 2, "train.checkpoint_every": 4,
