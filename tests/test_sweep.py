@@ -2,6 +2,7 @@
 writes the best trial as an experiment file, and refuses bad input in one line."""
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -131,6 +132,22 @@ def test_sweep_prunes_survives_kill_and_writes_the_best(files):
     assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.model.d_model, cfg.name) == \
         (best.params["optim.lr"], best.params["optim.warmup_steps"], 32, "tiny_best")
     assert f"trial {best.number}" in (sweep_dir / "best_experiment.py").read_text()
+
+    # meshforge report of the sweep folder: its plots, of the stated size, linked from the Markdown
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from lab.report import DPI, FIGSIZE
+
+    r = meshforge("report", sweep_dir, "--out", files / "report")
+    assert r.returncode == 0, r.stderr
+    md = (files / "report" / "report.md").read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", md)
+    assert images == ["sweep_sweep_trials.png", "sweep_sweep_importance.png"], md
+    for name in images:
+        with Image.open(files / "report" / name) as im:
+            assert im.format == "PNG" and im.size == (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)
+    assert "1 requeued" in md and f"Best: trial {best.number}" in md
 
 
 @pytest.mark.parametrize("storage", ["journal", "sqlite"])
