@@ -113,14 +113,19 @@ def count_model_params(model) -> int:
 
 def measured_tokens_per_s(cfg: Config, steps: int = 10) -> tuple[float, Chip, int]:
     """Tokens/s of the experiment's train step compiled and timed here, and this machine's chip and count."""
+    import os
+
     import jax
 
     from train.bench import bench
-    from train.energy import EnergyMeter
+    from train.hardware import UNKNOWN_CHIP, chip_for_kind
 
     result = bench(cfg, steps=steps, warmup=2, show=False)
-    meter = EnergyMeter(cfg.accounting, 0.0, counters=False)
-    return result["tokens_per_s"], meter.chip, meter.chips * jax.process_count()
+    device = jax.devices()[0]
+    chip = chip_for_kind(device.device_kind, device.platform) or UNKNOWN_CHIP
+    # as a run counts them (train/energy.py): the cores of a CPU host, the devices of an accelerator
+    chips = len(os.sched_getaffinity(0)) * jax.process_count() if device.platform == "cpu" else jax.device_count()
+    return result["tokens_per_s"], chip, chips
 
 
 def run_plan(cfg: Config | None, acct: AccountingConfig, *, hardware: str | None, tokens: float | None, params: float | None,

@@ -26,12 +26,11 @@ from typing import Literal
 import jax
 import numpy as np
 
-from train.hardware import Chip, carbon_intensity, chip_for_kind
+from train.hardware import UNKNOWN_CHIP, carbon_intensity, chip_for_kind
 
 # Totals a log row carries (and the summary's last value of each); checkpoints keep them for the resumed run.
 TOTALS = ("chip_hours", "chip_hours_busy", "energy_kwh_accelerators", "energy_kwh_cpu", "energy_kwh", "co2e_kg",
           "cost_usd")
-UNKNOWN_CHIP = Chip("unknown", (), 0.0, 0.0, 300.0, "fallback: unknown accelerator, 300 W", 0.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,6 +46,8 @@ CHIPS: tuple[Chip, ...] = (
 # CPU's TDP over its cores (e.g. 280 W / 28), only used where RAPL counters cannot be read.
 CPU_CORE = Chip("cpu", ("cpu",), 0.0, 0.0, 10.0, "fallback: ~10 W per core (server TDP / cores)", 0.04)
 
+UNKNOWN_CHIP = Chip("unknown", (), 0.0, 0.0, 300.0, "fallback: unknown accelerator, 300 W", 0.0)
+
 # gCO2e per kWh, annual averages for 2023 (Ember). Pick with accounting.region; the world average by default.
 CARBON_INTENSITY: dict[str, float] = {
     "world": 481.0, "us": 369.0, "china": 582.0, "india": 713.0, "germany": 381.0, "france": 56.0,
