@@ -195,6 +195,9 @@ def _train(setup: Setup, workdir: Path, start, compiled: Compiled) -> dict:
             compiled = compiled._replace(resumed=_extra)
         else:
             state = init_state(setup.tx, setup.mdef, setup.shardings, tc.seed, initial=start)
+        # Every leaf ready before the first step: a restore's programs still running beside the train step can
+        # deadlock XLA's CPU collectives (seen once in a resumed run with replicas: two programs' all-reduces).
+        state = jax.block_until_ready(state)
         start = int(jax.device_get(state["step"]))
         if start >= tc.steps:
             ckpt.close()
