@@ -6,7 +6,8 @@
 Hardware: a 2-core AMD EPYC VM (2 virtual XLA CPU devices), shared with other jobs (load 4-7).
 Measured: 8 trials of 300 steps, each evaluated every 50 steps on the whole validation split: 4 complete, 4
 pruned by the median pruner (at steps 50 and 100); best trial val_loss 2.0722 at step 300 with optim.lr 3.37e-3
-and optim.warmup_steps 55 (the others completed at 2.202, 2.241, 2.427). 405 s in all, with one `kill -9` after
+and optim.warmup_steps 55 (the others completed at 2.202, 2.241, 2.427). On the same machine the 8 trials took about 70% of
+8 full runs' time (a pruned trial 30-50% of a complete one), with one `kill -9` after
 two trials (the trial it cut short resumed from its step-100 checkpoint). `meshforge train` of the sweep's
 best_experiment.py reproduced 2.0722.
 """
