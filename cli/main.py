@@ -14,9 +14,15 @@
     meshforge bench  EXPERIMENT --compare edge [--workdir RUN] [--json FILE]
     meshforge bench  EXPERIMENT --data-only [--json FILE] [--seconds S] [--section.key VALUE ...]
     meshforge tokenizer train EXPERIMENT [--section.key VALUE ...]
+    meshforge bench-data tokenize [--mb 50 | --input FILE] [--tokenizer char|bpe|both] [--num-proc 1,2]
+                     [--repeat N] [--json FILE]
+    meshforge bench-data curate [--mb 100 | --input CORPUS.jsonl] [--spec SPEC.py] [--workers 2,1] [--repeat N]
+                     [--json FILE]
     meshforge plan   [EXPERIMENT] (--hardware v5p-256 [--mfu 0.4] | --measure) [--tokens T] [--params N]
                      [--json FILE] [--section.key VALUE ...]
     meshforge report RUN [RUN ...] [--out DIR]
+    meshforge curate SPEC --input CORPUS.jsonl --output DIR [--overwrite] [--workers N] [--stages a,b,...]
+                     [--section.key VALUE ...]
     meshforge sweep  EXPERIMENT --space SPACE.py --trials N [--storage URL] [--study NAME] [--workdir DIR]
                      [--pruner median|hyperband|none] [--prune-startup N] [--prune-warmup STEPS]
                      [--sampler tpe|random] [--seed S] [--stale-after S] [--section.key VALUE ...]
@@ -37,7 +43,8 @@ from parallel.errors import UserError
 from train.health import TrainingHalted
 from train.workdir import StorageError
 
-VERBS = ("train", "eval", "sample", "bench", "tokenizer", "export", "run-exported", "plan", "report", "sweep")
+VERBS = ("train", "eval", "sample", "bench", "tokenizer", "export", "run-exported", "plan", "report", "sweep", "curate",
+         "bench-data")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,6 +74,12 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         p.add_argument("--prompt-len", type=int, default=64, help="stablehlo/iree: the longest prompt, in tokens")
         p.add_argument("--max-len", type=int, default=0, help="stablehlo/iree: cache slots, prompt-len plus the "
                        "tokens to generate (default prompt-len + 256)")
+        return p
+    if verb == "bench-data":
+        _bench_data_args(p)
+        return p
+    if verb == "curate":
+        _curate_args(p)
         return p
     if verb == "report":
         p.add_argument("runs", nargs="+", help="runs' workdirs (metrics.jsonl, summary.json) and sweep folders "
@@ -133,6 +146,77 @@ def _parser(verb: str) -> argparse.ArgumentParser:
         p.add_argument("--from", dest="source", help="a HuggingFace model folder or a run's workdir to sample "
                        "from (instead of EXPERIMENT / --workdir)")
     return p
+
+
+def _bench_data_args(p: argparse.ArgumentParser) -> None:
+    """`bench-data WHAT`: throughput of one data-preparation stage on this machine, side by side settings."""
+    p.add_argument("what", choices=["tokenize", "curate"], help="tokenize: build the packed data cache of a corpus "
+                   "with 1 and 2 (--num-proc) tokenizing processes: seconds, MB/s, documents/s, and whether the caches "
+                   "are byte-identical; curate: run a curation spec (--spec) with 2 and 1 (--workers) workers: "
+                   "seconds, documents/s, MB/s, and whether the kept documents are byte-identical")
+    p.add_argument("--mb", type=float, help="size of the generated corpus in MB (default 50 for tokenize, 100 for "
+                   "curate)")
+    p.add_argument("--spec", default="", help="curate: the spec (default experiments/curate_default.py)")
+    p.add_argument("--workers", default="2,1", help="curate: the worker counts to compare, the first is the "
+                   "reference")
+    p.add_argument("--input", default="", help="a corpus (file, folder or glob of .txt/.jsonl/.parquet) instead")
+    p.add_argument("--split-by", choices=["document", "paragraph", "line"], default="paragraph",
+                   help="--input text files: what a document is (default paragraph)")
+    p.add_argument("--text-field", default="text", help="--input JSONL/Parquet: the text field (default text)")
+    p.add_argument("--tokenizer", choices=["char", "bpe", "both"], default="both")
+    p.add_argument("--num-proc", default="1,2", help="the process counts to compare, the first is the baseline")
+    p.add_argument("--repeat", type=int, default=1, help="builds per setting, alternating; the best counts")
+    p.add_argument("--pack-len", type=int, default=512, help="row length of the cache (default 512)")
+    p.add_argument("--workdir", default="", help="keep the corpus and caches here (default: a temporary folder, "
+                   "removed after)")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+
+
+def bench_data(args) -> int:
+    """`meshforge bench-data`: one benchmark per data stage (tokenize; more stages add a choice and a branch)."""
+    check_json_path(args.json)
+    if args.what == "curate":
+        return bench_data_curate(args)
+    try:
+        num_procs = tuple(int(x) for x in args.num_proc.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--num-proc: {args.num_proc!r} is not a list of counts; write e.g. 1,2") from None
+    from train.bench_tokenize import bench_tokenize, format_result
+
+    kinds = ("char", "bpe") if args.tokenizer == "both" else (args.tokenizer,)
+    result = bench_tokenize(mb=args.mb or 50.0, input_path=args.input, tokenizers=kinds, num_procs=num_procs,
+                            repeat=args.repeat, pack_len=args.pack_len, split_by=args.split_by,
+                            text_field=args.text_field, workdir=args.workdir)
+    print(format_result(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def bench_data_curate(args) -> int:
+    try:
+        workers = tuple(int(x) for x in args.workers.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--workers: {args.workers!r} is not a list of counts; write e.g. 2,1") from None
+    from train.bench_curate import DEFAULT_SPEC, bench_curate, format_result
+
+    result = bench_curate(mb=args.mb or 100.0, input_path=args.input, spec=args.spec or DEFAULT_SPEC,
+                          workers=workers, repeat=args.repeat, workdir=args.workdir)
+    print(format_result(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _curate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="curation spec file, e.g. experiments/curate_default.py")
+    p.add_argument("--input", help="the corpus: a JSONL file, a folder of them or a glob (sets input.path)")
+    p.add_argument("--output", help="the curation folder: data/, removed/<stage>/, stats.json, plots/ (sets "
+                   "output.path); must be new or empty, or hold an unfinished curation of the same spec to resume")
+    p.add_argument("--overwrite", action="store_true", help="empty a non-empty --output folder first (only its "
+                   "contents are removed)")
+    p.add_argument("--workers", type=int, help="tasks run at once (sets run.workers; 0: all cores)")
+    p.add_argument("--stages", help="the stages to run, in order, comma-separated (sets stages)")
 
 
 def _quantize_targets_arg(p: argparse.ArgumentParser) -> None:
@@ -236,10 +320,20 @@ def plan_accounting(overrides: dict):
 def run(verb: str, argv: list[str]) -> int:
     rest, overrides = split_overrides(argv)
     args = _parser(verb).parse_args(rest)
+    if verb == "curate":  # datatrove's pipeline; nothing of jax
+        from data.curate.run import curate_command
+        from data.curate.spec import check_extra
+
+        check_extra()
+        return curate_command(args, overrides)
     if verb == "run-exported":  # before anything imports jax: an IREE artifact runs without it
         from interop.edge_runner import run_exported
 
         return run_exported(Path(args.path), args)
+    if verb == "bench-data":
+        if overrides:
+            raise UserError(f"--{next(iter(overrides))}: bench-data reads no experiment; see meshforge bench-data -h")
+        return bench_data(args)
     if verb == "export":
         from interop.export_run import export_run
 
@@ -337,7 +431,7 @@ def run(verb: str, argv: list[str]) -> int:
         from train.restore import load_for_inference
 
         return sample_run(load_for_inference(cfg, workdir, args.step), args)
-    from train.loop import evaluate
+    from train.loop import eval_step_for, evaluate
     from train.restore import restore_for_inference
 
     if args.quantize_targets and not args.quantize:
@@ -354,20 +448,18 @@ def run(verb: str, argv: list[str]) -> int:
         except ValueError as e:
             raise UserError(f"--quantize-targets: {e}") from None
     from parallel.rules import activate
-    from train.step import make_eval_step
 
     with activate(setup.mesh):
-        eval_step = make_eval_step(setup.mdef, setup.shardings["params"], setup.batch_sharding)
-        val_loss = evaluate(setup, params, eval_step, setup.cfg.train.eval_batches)
+        losses = evaluate(setup, params, eval_step_for(setup), setup.cfg.train.eval_batches)
         from train.task_eval import task_evaluator
 
         task_eval = task_evaluator(setup)
         tasks = {k: round(v, 6) for k, v in task_eval(params).items()} if task_eval else {}
     from train.metrics import json_value
 
-    loss = json_value(round(val_loss, 6))
+    losses = {k: json_value(round(v, 6)) for k, v in losses.items()}  # val_loss, and val_loss_<name> per source
     quant = {"quantize": args.quantize} if args.quantize else {}
-    print(json.dumps({"step": step, "val_loss": loss, **tasks, **quant, "workdir": str(workdir)}))
+    print(json.dumps({"step": step, **losses, **tasks, **quant, "workdir": str(workdir)}))
     return 0
 
 

@@ -1,12 +1,17 @@
-"""The on-disk cache: fitted tokenizers, and each source's tokenized, packed rows (`datasets.save_to_disk`).
+"""The on-disk cache: fitted tokenizers, and each source's tokenized, packed rows (Arrow files, memory-mapped).
 
     CACHE/tokenizers/{char,bpe}-<hash of sources + settings>.json
-    CACHE/packed/<source>-<hash of source + settings>/tok-<tokenizer fingerprint>/{train,val,meta.json}
+    CACHE/packed/<source>-<hash of source + settings>/tok-<tokenizer fingerprint>/
+        {train,val}.arrow  meta.json  build.json
 
 A second run with the same sources, tokenizer and settings memory-maps the rows it finds (tens of ms). The
 tokenizer's fingerprint is part of the path, so rows tokenized by another tokenizer are never reused; when they
 exist the rebuild says so. Builds go to a temporary folder renamed into place, so processes that build the same
-cache at once (hosts of one run) never see a half-written one.
+cache at once never see a half-written one.
+
+Rows are built with `data.num_proc` processes (data/build.py) and are byte-identical whatever that number is; only
+build.json (seconds taken, processes used, which process of the run built it) differs. On a multi-host run one
+process per cache folder builds while the others wait (data/build_once.py).
 """
 from __future__ import annotations
 
@@ -15,15 +20,18 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 
+from data import hub
+from data.build import build_rows, local_cores
+from data.build_once import build_once, process_count, process_index
 from data.config import DataConfig, SourceConfig
 from data.hashing import digest
-from data.packing import pack_documents
 from data.sources import hf_datasets, fingerprint as source_fingerprint, load_documents, source_kind, split_documents
 from data.synthetic import Task, make_task
 from data.tokenize import (SPECIALS, BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, fingerprint,
@@ -31,7 +39,9 @@ from data.tokenize import (SPECIALS, BPETokenizer, ByteTokenizer, CharTokenizer,
 from parallel.errors import UserError
 
 VERSION = 1  # bump when the row format changes: old caches are then rebuilt, never misread
-ROWS_VERSION = 2  # packed rows only (2: each row's first document, for federated label partitions)
+# packed rows only (2: each row's first document, for federated label partitions; 3: one stream per split, no
+# padding between batches of documents, rows in {split}.arrow)
+ROWS_VERSION = 3
 
 
 def log(msg: str) -> None:
@@ -58,6 +68,9 @@ def tokenizer_key(cfg: DataConfig) -> str:
         else:
             parts.append(source_fingerprint(key, src))
     deps = {"version": VERSION, "kind": cfg.tokenizer, "specials": list(SPECIALS), "sources": parts}
+    if cfg.tokenizer == "char" and cfg.val_sources:  # their characters join the vocabulary (see fit_tokenizer)
+        deps["val_sources"] = [{"synthetic": s.path} if source_kind(s.path) == "synthetic" else
+                               source_fingerprint(k, s) for k, s in cfg.val_source_list()]
     if cfg.objective == "sft":  # fitted to the rendered examples (keys only added here: other caches keep names)
         deps["sft"] = [cfg.prompt_field, cfg.response_field, cfg.messages_field, cfg.sft_template]
     if cfg.tokenizer == "bpe":
@@ -66,8 +79,8 @@ def tokenizer_key(cfg: DataConfig) -> str:
 
 
 def _source_texts(cfg: DataConfig, root: Path, split: str):
-    """Batches of document texts from every file/generator source (split 'train' or 'all')."""
-    for key, src in cfg.source_list():
+    """Batches of document texts from every file/generator source (split 'train', or 'all': validation sources too)."""
+    for key, src in cfg.source_list() + (cfg.val_source_list() if split == "all" else ()):
         if source_kind(src.path) == "synthetic":
             continue
         if cfg.objective == "sft":  # rows of prompts and responses, rendered by data.sft_template
@@ -82,15 +95,16 @@ def _source_texts(cfg: DataConfig, root: Path, split: str):
             yield batch["text"]
 
 
-def _tasks(cfg: DataConfig) -> list[Task]:
-    return [make_task(key, src.path) for key, src in cfg.source_list() if source_kind(src.path) == "synthetic"]
+def _tasks(cfg: DataConfig, with_val: bool = False) -> list[Task]:
+    pairs = cfg.source_list() + (cfg.val_source_list() if with_val else ())
+    return [make_task(key, src.path) for key, src in pairs if source_kind(src.path) == "synthetic"]
 
 
 def fit_tokenizer(cfg: DataConfig, root: Path) -> Tokenizer:
     """Fit the configured tokenizer to the sources: char = every character seen, bpe = trained on the train split."""
     tasks = _tasks(cfg)
-    if cfg.tokenizer == "char":
-        chars = set("".join(t.alphabet for t in tasks))
+    if cfg.tokenizer == "char":  # a validation source's characters too: text it cannot encode is not evaluated
+        chars = set("".join(t.alphabet for t in _tasks(cfg, with_val=True)))
         for texts in _source_texts(cfg, root, "all"):
             for text in texts:
                 chars.update(text)
@@ -107,19 +121,27 @@ def fit_tokenizer(cfg: DataConfig, root: Path) -> Tokenizer:
 
 def get_tokenizer(cfg: DataConfig, retrain: bool = False) -> tuple[Tokenizer, Path | None]:
     """The data section's tokenizer (from data.tokenizer_path, the cache, or fitted now) and its cache file."""
+    hub.set_offline(cfg.hf_offline)  # fitting may read hub sources
     if cfg.tokenizer_path:
         return load_tokenizer(Path(cfg.tokenizer_path)), Path(cfg.tokenizer_path)
     if cfg.tokenizer == "byte":
         return ByteTokenizer(SPECIALS), None
     root = cache_root(cfg)
     path = root / "tokenizers" / tokenizer_key(cfg)
-    if path.is_file() and not retrain:
+    if path.is_file() and not retrain and process_count() == 1:
         return load_tokenizer(path), path
-    t0 = time.perf_counter()
-    tok = fit_tokenizer(cfg, root)
-    save_tokenizer(tok, path)
-    log(f"fitted a {cfg.tokenizer} tokenizer ({tok.vocab_size} ids) in {time.perf_counter() - t0:.1f}s: {path}")
-    return tok, path
+
+    def fit(stop: threading.Event | None) -> None:
+        t0 = time.perf_counter()
+        tok = fit_tokenizer(cfg, root)
+        save_tokenizer(tok, path)
+        log(f"fitted a {cfg.tokenizer} tokenizer ({tok.vocab_size} ids) in {time.perf_counter() - t0:.1f}s: {path}")
+
+    if retrain:  # `meshforge tokenizer train`: one process
+        fit(None)
+    else:  # on a multi-host run, one process per cache folder fits it while the others wait
+        build_once(path.is_file, fit, path.parent, f"the {cfg.tokenizer} tokenizer", log)
+    return load_tokenizer(path), path
 
 
 # --- packed rows ------------------------------------------------------------------------------------------------
@@ -159,75 +181,77 @@ class RowStore:
             local, segments = rows[at] - self._starts[c], self._segments[c]
             seg_at, seg_first = segments[local, starts[at]], segments[local, 0]
             pad = seg_at == 0
-            if pad.any():  # (only the last row of a packing batch ends in padding)
+            if pad.any():  # (only the last row of a split ends in padding)
                 seg_at[pad] = segments[local[pad]].max(1)
             out[at] = self.first_doc[rows[at]] + seg_at - seg_first
         return out
 
 
-def _pack_batch(batch, indices, tokenizer: Tokenizer, pack_len: int):
-    eos, pad = tokenizer.special_id("<eos>"), tokenizer.special_id("<pad>")
-    docs = [np.append(ids, eos).astype(np.int32) for ids in tokenizer.encode_batch(batch["text"])]
-    tokens, segments = pack_documents(docs, pack_len, pad)
-    # a row starts inside the stream, never in padding: its first segment id names a document of this batch
-    return {"tokens": tokens, "segment_ids": segments,
-            "first_doc": np.asarray(indices, np.int64)[segments[:, 0] - 1]}
+def _cached_meta(final: Path, settings: dict, tok_fp: str) -> dict | None:
+    """The meta of a complete cache at `final` built for these settings and tokenizer, else None."""
+    try:
+        meta = json.loads((final / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    ok = meta.get("settings") == settings and meta.get("tokenizer") == tok_fp
+    return meta if ok and all((final / f"{split}.arrow").is_file() for split in ("train", "val")) else None
+
+
+def _load_rows(final: Path) -> tuple[RowStore, RowStore]:
+    datasets = hf_datasets()
+    return (RowStore(datasets.Dataset.from_file(str(final / "train.arrow"))),
+            RowStore(datasets.Dataset.from_file(str(final / "val.arrow"))))
 
 
 def packed_rows(key: str, src: SourceConfig, tokenizer: Tokenizer, pack_len: int, val_fraction: float,
-                root: Path) -> tuple[RowStore, RowStore, dict]:
-    """(train rows, validation rows, meta) of a file/generator source: from the cache, or built and cached now."""
-    datasets = hf_datasets()
+                root: Path, num_proc: int = 0) -> tuple[RowStore, RowStore, dict]:
+    """(train rows, validation rows, meta) of a file/generator source: from the cache, or built and cached now.
+
+    num_proc: processes that tokenize (0: every local core); the rows, and the cache's name, do not depend on it.
+    Every process of a multi-host run calls this at the same point: one per cache folder builds (build_once)."""
     settings = {"version": ROWS_VERSION, "source": source_fingerprint(key, src), "pack_len": pack_len,
                 "val_fraction": val_fraction}
     tok_fp = fingerprint(tokenizer)
     source_dir = root / "packed" / f"{_slug(src.path)}-{digest(settings)}"
     final = source_dir / f"tok-{tok_fp}"
-    meta_path = final / "meta.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("settings") == settings and meta.get("tokenizer") == tok_fp:
-            return (RowStore(datasets.load_from_disk(str(final / "train"))),
-                    RowStore(datasets.load_from_disk(str(final / "val"))), meta)
-        log(f"{final} does not match this source and tokenizer; rebuilding it")
-        shutil.rmtree(final, ignore_errors=True)
-    others = [p.name.removeprefix("tok-") for p in source_dir.glob("tok-*")] if source_dir.is_dir() else []
+    meta = _cached_meta(final, settings, tok_fp)
+    if meta is not None and process_count() == 1:
+        return (*_load_rows(final), meta)
 
-    t0 = time.perf_counter()
-    docs = load_documents(key, src, root / "hf")
-    splits = dict(zip(("train", "val"), split_documents(docs, val_fraction, key)))
-    tmp = source_dir / f".build-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir(parents=True)
-    features = datasets.Features({"tokens": datasets.List(datasets.Value("int32"), length=pack_len + 1),
-                                  "segment_ids": datasets.List(datasets.Value("int32"), length=pack_len + 1),
-                                  "first_doc": datasets.Value("int64")})
-    meta = {"settings": settings, "tokenizer": tok_fp, "tokenizer_kind": tokenizer.kind, "path": src.path}
-    try:
-        for split, ds in splits.items():
-            packed = ds.map(_pack_batch, batched=True, batch_size=1000, with_indices=True, remove_columns=["text"],
-                            features=features,
-                            fn_kwargs={"tokenizer": tokenizer, "pack_len": pack_len},
-                            new_fingerprint=f"{digest(settings)}-{tok_fp}-{split}",
-                            cache_file_name=str(tmp / f"{split}-map.arrow"))
-            packed.save_to_disk(str(tmp / split))
-            meta[f"{split}_rows"] = len(packed)
-            meta[f"{split}_documents"] = len(ds)
-            del packed
-            (tmp / f"{split}-map.arrow").unlink(missing_ok=True)
-        meta["build_s"] = round(time.perf_counter() - t0, 2)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    def build(stop: threading.Event | None) -> None:
+        if (final / "meta.json").is_file() and _cached_meta(final, settings, tok_fp) is None:
+            log(f"{final} does not match this source and tokenizer; rebuilding it")
+            shutil.rmtree(final, ignore_errors=True)
+        others = [p.name.removeprefix("tok-") for p in source_dir.glob("tok-*")] if source_dir.is_dir() else []
+        t0 = time.perf_counter()
+        docs = load_documents(key, src, root / "hf")
+        splits = dict(zip(("train", "val"), split_documents(docs, val_fraction, key)))
+        tmp = source_dir / f".build-{uuid.uuid4().hex[:12]}"
+        tmp.mkdir(parents=True)
         try:
-            tmp.rename(final)
-        except OSError:  # another process finished the same build first: use its copy
+            processes = num_proc or local_cores()
+            counts = build_rows(splits, tokenizer, pack_len, tmp, processes, stop)
+            built = {"settings": settings, "tokenizer": tok_fp, "tokenizer_kind": tokenizer.kind, "path": src.path,
+                     **counts}
+            seconds = round(time.perf_counter() - t0, 2)
+            (tmp / "meta.json").write_text(json.dumps(built, indent=1))
+            # how it was built: the one file that differs between builds of the same rows
+            (tmp / "build.json").write_text(json.dumps({"build_s": seconds, "num_proc": processes,
+                                                        "built_by": process_index()}, indent=1))
+            try:
+                tmp.rename(final)
+            except OSError:  # another process finished the same build first: use its copy
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    why = f" (the tokenizer changed: rows exist for {', '.join(others)}, this one is {tok_fp})" if others else ""
-    log(f"cached {meta['train_rows']} + {meta['val_rows']} packed rows of {src.path} in {meta['build_s']}s{why}: "
-        f"{final}")
-    return (RowStore(datasets.load_from_disk(str(final / "train"))),
-            RowStore(datasets.load_from_disk(str(final / "val"))), meta)
+            raise
+        why = f" (the tokenizer changed: rows exist for {', '.join(others)}, this one is {tok_fp})" if others else ""
+        log(f"cached {built['train_rows']} + {built['val_rows']} packed rows of {src.path} in {seconds}s with "
+            f"{processes} process{'es' if processes > 1 else ''}{why}: {final}")
+
+    build_once(lambda: _cached_meta(final, settings, tok_fp) is not None, build, source_dir,
+               f"the packed rows of {src.path}", log)
+    return (*_load_rows(final), _cached_meta(final, settings, tok_fp))
 
 
 def check_seq_len(seq_len: int, pack_len: int) -> None:

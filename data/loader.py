@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from data.hashing import hash64, mix64
+from data.validation import spread
 from parallel.errors import UserError
 
 Batch = dict[str, np.ndarray]
@@ -95,10 +96,11 @@ def eval_plan(total: int, batch_size: int, rows: np.ndarray,
 
 
 def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, rows: np.ndarray,
-                 max_batches: int = 0) -> Iterator[Batch]:
+                 max_batches: int = 0, max_windows: int = 0) -> Iterator[Batch]:
     """Consecutive, non-overlapping windows covering the whole split, so every token is predicted exactly once.
 
-    The last window and the last batch are padded with zero-weight positions; max_batches > 0 stops early.
+    The last window and the last batch are padded with zero-weight positions; max_batches > 0 stops early;
+    max_windows > 0 reads only that many windows, evenly spread over the split (data/validation.py).
     """
     n_targets = len(tokens) - 1
     n_windows = -(-n_targets // seq_len)
@@ -106,8 +108,9 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, rows: np.nda
     padded[: len(tokens)] = tokens
     valid = np.zeros(n_windows * seq_len, np.float32)
     valid[:n_targets] = 1.0
-    for w, live in eval_plan(n_windows, batch_size, rows, max_batches):  # w: window index of each row
-        pos = w[:, None] * seq_len + np.arange(seq_len)
+    chosen = spread(n_windows, max_windows or n_windows)
+    for i, live in eval_plan(len(chosen), batch_size, rows, max_batches):
+        pos = chosen[i][:, None] * seq_len + np.arange(seq_len)
         yield {
             "inputs": padded[pos],
             "targets": padded[pos + 1],

@@ -6,13 +6,19 @@ source (MixtureSchedule), which row of it (a per-epoch permutation), and the obj
 builds only the positions of its own rows, a background thread builds the next few steps ahead, and the state
 saved with a checkpoint is the position reached, so a resumed run (even with another batch size) continues the
 same sample stream without replaying it.
+
+Validation reads each source's held-out tail, or with `data.val_sources` whole sources of their own (WholeSource),
+in the order data/validation.py plans (with the data.val_max_tokens cap); with several validation sources each
+eval batch carries its rows' source index (`source`), so one pass gives the loss of every source.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
 
+from data import hub
 from data.cache import cache_root, check_seq_len, get_tokenizer, log, packed_rows
 from data.config import DataConfig, SourceConfig
 from data.hashing import digest
@@ -20,8 +26,10 @@ from data.loader import Batch, MixtureSchedule, Prefetcher, eval_plan, permute
 from data.objectives import SPLIT_IDS, Objective, Windows
 from data.sft import SFTSource
 from data.sources import source_kind
+from data.stream import StreamSource, samples_before
 from data.synthetic import HELD_OUT_SEED, Task, make_task, task_salt
 from data.tokenize import Tokenizer, fingerprint
+from data.validation import ValPlan, max_windows
 from parallel.errors import UserError
 
 VAL_POSITION_BASE = 1 << 40  # validation windows key their random choices apart from training positions
@@ -34,7 +42,7 @@ class CorpusSource:
                  seq_len: int, seed: int):
         pack_len = cfg.pack_len or seq_len
         self.train, self.val, self.meta = packed_rows(key, src, tokenizer, pack_len, cfg.val_fraction,
-                                                      cache_root(cfg))
+                                                      cache_root(cfg), num_proc=cfg.num_proc)
         self.key, self.path, self.weight, self.seq_len = key, src.path, src.weight, seq_len
         self.per_row = pack_len // seq_len
         self.n_train = self.train.n_rows * self.per_row
@@ -111,6 +119,24 @@ class TaskSource:
         return self._windows(index, "val")
 
 
+class WholeSource:
+    """A validation-only source (data.val_sources): every document, its cached train rows then its val rows.
+
+    Built as a training source of its own (unshuffled, so window i is the i-th in the cache): packed_rows keeps
+    its usual split, and both halves serve as validation windows."""
+
+    def __init__(self, base: CorpusSource | SFTSource):
+        self.base, self.n_first = base, base.n_train
+        self.n_val = base.n_train + base.n_val
+
+    def val_windows(self, index: np.ndarray) -> Windows:
+        index = np.asarray(index, np.int64)
+        first = index < self.n_first
+        parts = [(at, read(index[at] - offset)) for at, read, offset in
+                 ((first, self.base.train_windows, 0), (~first, self.base.val_windows, self.n_first)) if at.any()]
+        return concat_windows(parts, len(index), self.base.seq_len + 1)
+
+
 def concat_windows(parts: list[tuple[np.ndarray, Windows]], n: int, length: int) -> Windows:
     out = Windows(np.zeros((n, length), np.int32), np.zeros((n, length), np.int32), np.zeros((n, length), bool))
     for at, w in parts:
@@ -124,24 +150,29 @@ class PackedPipeline:
             raise UserError(f"train.seq_len: span corruption needs at least 8 tokens per row, got {seq_len}")
         self.cfg, self.batch_size, self.seq_len, self.seed = cfg, batch_size, seq_len, seed
         tasks: dict[str, Task] = {}
-        for key, src in cfg.source_list():  # cheap checks first: nothing is fitted or cached for a bad config
+        val_tasks: dict[str, Task] = {}
+        # cheap checks first: nothing is fitted or cached for a bad config
+        for key, src in cfg.source_list() + cfg.val_source_list():
             if source_kind(src.path) == "synthetic":
-                tasks[key] = make_task(key, src.path)
-                check_task_fits(key, tasks[key], seq_len)
+                task = (val_tasks if key.startswith("data.val_sources") else tasks)[key] = make_task(key, src.path)
+                check_task_fits(key, task, seq_len)
             elif cfg.objective != "sft":  # sft packs whole examples into rows of seq_len + 1 itself
                 check_seq_len(seq_len, cfg.pack_len or seq_len)
         if tokenizer is None:
             tokenizer, _ = get_tokenizer(cfg)
         self.tokenizer = tokenizer
-        self.sources: list[CorpusSource | TaskSource | SFTSource] = []
-        for i, (key, src) in enumerate(cfg.source_list()):
-            if key in tasks:  # a task's prompts carry no loss already, so tasks mix with sft sources as they are
-                self.sources.append(TaskSource(key, src, tasks[key], cfg, tokenizer, seq_len, seed))
-            elif cfg.objective == "sft":
-                self.sources.append(SFTSource(key, src, i, cfg, tokenizer, seq_len, seed))
-            else:
-                self.sources.append(CorpusSource(key, src, i, cfg, tokenizer, seq_len, seed))
+        self.sources = [self._source(key, src, i, tasks.get(key), cfg) for i, (key, src) in
+                        enumerate(cfg.source_list())]
         self.tasks: list[Task] = [s.task for s in self.sources if isinstance(s, TaskSource)]
+        self.val_sources, self.val_names = self.sources, [s.resolved_name() for _, s in cfg.source_list()]
+        if cfg.val_sources:
+            whole = dataclasses.replace(cfg, shuffle=False)  # a WholeSource reads its train rows in cache order
+            self.val_sources = [self._source(key, src, -1, val_tasks.get(key), whole) for key, src in
+                                cfg.val_source_list()]
+            # (tasks and streamed sources are endless: their validation rows as they are)
+            self.val_sources = [s if s.n_train is None else WholeSource(s) for s in self.val_sources]
+            self.val_names = [s.resolved_name() for s in cfg.val_sources]
+        self.val_plan = ValPlan([s.n_val for s in self.val_sources], max_windows(cfg.val_max_tokens, seq_len))
         self.schedule = MixtureSchedule([s.weight for s in self.sources], seed)
         self.objective = Objective(cfg.objective, tokenizer, seq_len, seed, cfg.mask_rate, cfg.span_mean)
         self.fingerprint = digest(
@@ -149,6 +180,16 @@ class PackedPipeline:
              [s.weight for s in self.sources], fingerprint(tokenizer), cfg.objective, seq_len, seed])
         self.base_step, self.base_position = 0, 0
         self._prefetchers: dict[bytes, Prefetcher] = {}
+
+    def _source(self, key: str, src: SourceConfig, index: int, task: Task | None, cfg: DataConfig
+                ) -> CorpusSource | TaskSource | SFTSource | StreamSource:
+        if task is not None:  # a task's prompts carry no loss already, so tasks mix with sft sources as they are
+            return TaskSource(key, src, task, cfg, self.tokenizer, self.seq_len, self.seed)
+        if hub.is_streamed(src.path, key):  # hf:...?streaming=1: tokenized in order as training reads it
+            return StreamSource(key, src, cfg, self.tokenizer, self.seq_len)
+        if cfg.objective == "sft":
+            return SFTSource(key, src, index, cfg, self.tokenizer, self.seq_len, self.seed)
+        return CorpusSource(key, src, index, cfg, self.tokenizer, self.seq_len, self.seed)
 
     # --- training batches ---
 
@@ -178,16 +219,19 @@ class PackedPipeline:
     # --- evaluation ---
 
     def eval_batches(self, batch_size: int, rows: np.ndarray, max_batches: int = 0) -> Iterator[Batch]:
-        """Every validation window of every source once, in order; the last batch's missing rows weigh 0."""
-        sizes = np.array([s.n_val for s in self.sources], np.int64)
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        for g, live in eval_plan(int(starts[-1]), batch_size, rows, max_batches):
-            source = np.searchsorted(starts, g, side="right") - 1
-            parts = [(at, self.sources[k].val_windows(g[at] - starts[k]))
+        """Every planned validation window of every validation source once, in order (all of them unless
+        data.val_max_tokens caps them); the last batch's missing rows weigh 0. With several validation sources
+        a batch also holds each row's source index, `source` (B,) int32, in the order of `val_names`."""
+        plan = self.val_plan
+        for g, live in eval_plan(plan.total, batch_size, rows, max_batches):
+            source, index, position = plan.locate(g)
+            parts = [(at, self.val_sources[k].val_windows(index[at]))
                      for k in np.unique(source) for at in [np.flatnonzero(source == k)]]
             windows = concat_windows(parts, len(g), self.seq_len + 1)
-            batch = self.objective(windows, VAL_POSITION_BASE + g, "val")
+            batch = self.objective(windows, VAL_POSITION_BASE + position, "val")
             batch["weights"] = batch["weights"] * live[:, None]
+            if len(self.val_sources) > 1:
+                batch["source"] = source.astype(np.int32)
             yield batch
 
     # --- checkpointed state ---
@@ -199,6 +243,10 @@ class PackedPipeline:
                  "fingerprint": self.fingerprint}
         if len(self.sources) == 1 and finite:
             state["epoch"] = position // finite[0].n_train
+        streams = {s.key: s.cursor_at(samples_before(self.schedule, position, k))
+                   for k, s in enumerate(self.sources) if isinstance(s, StreamSource)}
+        if streams:  # where each streamed source's next training window starts in its stream
+            state["streams"] = streams
         return state
 
     def restore(self, state: dict) -> None:
@@ -212,6 +260,10 @@ class PackedPipeline:
         if state.get("fingerprint") != self.fingerprint:
             log("the data (sources, tokenizer, objective, seq_len or seed) changed since this checkpoint; "
                 f"continuing at sample {self.base_position} of the new data")
+        saved = state.get("streams", {}) if state.get("fingerprint") == self.fingerprint else {}
+        for k, s in enumerate(self.sources):
+            if isinstance(s, StreamSource):
+                s.seek(saved.get(s.key), samples_before(self.schedule, self.base_position, k))
 
     def close(self) -> None:
         """Stop the prefetch threads (idempotent)."""

@@ -125,7 +125,7 @@ class ClientPipeline:
         self._concat = concat_windows
         self.base, self.clients, self.h = base, clients, inner_steps
         self.per_replica = batch_size // replicas
-        self.tokenizer, self.tasks = base.tokenizer, base.tasks
+        self.tokenizer, self.tasks, self.val_names = base.tokenizer, base.tasks, base.val_names
         self._prefetchers: dict[bytes, Prefetcher] = {}
 
     def host_batch(self, step: int, rows: np.ndarray) -> Batch:

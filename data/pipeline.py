@@ -4,6 +4,8 @@ Every batch is a dict of host numpy arrays with the rows this process holds: `in
 (B, T), optionally `segment_ids` and `positions` for packed documents. Train batches are a pure function of
 the loader's position, which `state(step)` reports for the checkpoint and `restore(state)` takes back.
 `tasks` are the synthetic tasks in the data, whose exact-match accuracy the loop measures from model samples.
+`val_names` names the validation sources; with more than one, eval batches also carry `source` (B,) int32, each
+row's index into it, and the loop logs val_loss_<name> per source (data/validation.py plans the windows).
 
 Two implementations: `TextPipeline` (data.mode windows: random windows of one text file) and
 `data.packed.PackedPipeline` (data.mode packed: datasets-backed sources, packing, objectives, mixtures, and
@@ -17,15 +19,17 @@ from typing import Protocol
 
 import numpy as np
 
-from data.config import DataConfig
+from data.config import DataConfig, SourceConfig
 from data.loader import Batch, WindowLoader, eval_batches
 from data.sources import read_text, text_splits
 from data.tokenize import Tokenizer, build_tokenizer, load_tokenizer
+from data.validation import max_windows
 
 
 class Pipeline(Protocol):
     tokenizer: Tokenizer
     tasks: list  # data.synthetic.Task objects the loop evaluates by exact match (empty for plain corpora)
+    val_names: list[str]  # the validation sources' names (eval batches' `source` indexes it when there are several)
 
     def host_batch(self, step: int, rows: np.ndarray) -> Batch: ...  # built now, without prefetch
 
@@ -51,7 +55,8 @@ class TextPipeline:
         self.tokenizer = tokenizer or build_tokenizer(cfg.tokenizer, read_text(cfg.path),
                                                       vocab_size=cfg.bpe_vocab_size)
         self.train_ids, self.val_ids = text_splits(cfg.path, cfg.val_fraction, self.tokenizer)
-        self.seq_len = seq_len
+        self.seq_len, self.max_windows = seq_len, max_windows(cfg.val_max_tokens, seq_len)
+        self.val_names = [SourceConfig(cfg.path).resolved_name()]
         self.loader = WindowLoader(self.train_ids, batch_size, seq_len, seed)
 
     def host_batch(self, step: int, rows: np.ndarray) -> Batch:
@@ -61,7 +66,7 @@ class TextPipeline:
         return self.host_batch(step, rows)  # windows are cheap: no prefetch
 
     def eval_batches(self, batch_size: int, rows: np.ndarray, max_batches: int = 0) -> Iterator[Batch]:
-        return eval_batches(self.val_ids, batch_size, self.seq_len, rows, max_batches)
+        return eval_batches(self.val_ids, batch_size, self.seq_len, rows, max_batches, self.max_windows)
 
     def state(self, step: int) -> dict:
         return self.loader.state(step)
@@ -79,7 +84,9 @@ def build_pipeline(cfg: DataConfig, *, batch_size: int, seq_len: int, seed: int,
     saved = workdir / "tokenizer.json" if workdir else None
     tokenizer = load_tokenizer(saved) if saved is not None and saved.exists() else None
     if cfg.mode == "packed":
+        from data import hub
         from data.packed import PackedPipeline  # imports HF datasets, which the windows mode never needs
 
+        hub.set_offline(cfg.hf_offline)  # before any hf: source is resolved (a saved tokenizer skips get_tokenizer)
         return PackedPipeline(cfg, batch_size, seq_len, seed, tokenizer)
     return TextPipeline(cfg, batch_size, seq_len, seed, tokenizer)

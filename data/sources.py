@@ -1,6 +1,7 @@
-"""Where text comes from: local files and folders (text, JSONL, Parquet), shipped corpora, Python generators.
+"""Where text comes from: local files and folders (text, JSONL, Parquet), shipped corpora, Python generators,
+HuggingFace hub datasets (`hf:NAMESPACE/NAME[/CONFIG][:SPLIT]`, through `datasets` and its cache: data/hub.py).
 
-Files are read with HuggingFace `datasets` (offline; its packaged `text`/`json`/`parquet` builders), so a corpus
+Files are read with HuggingFace `datasets` (its packaged `text`/`json`/`parquet` builders), so a corpus
 larger than memory is an Arrow file on disk, not a Python list. Every loader returns a `datasets.Dataset` with
 one column, `text`, one row per document. Synthetic tasks are sources too, but generated per row on demand
 (data/synthetic.py). `datasets` is imported lazily: the windows pipeline (one text file) never pays for it.
@@ -13,13 +14,13 @@ import hashlib
 import importlib
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from data import hub
 from data.config import SourceConfig
 from parallel.errors import UserError
 
@@ -69,6 +70,8 @@ def text_splits(path: str, val_fraction: float, tokenizer) -> tuple[np.ndarray, 
 # --- document sources (the packed pipeline) ---------------------------------------------------------------------
 
 def source_kind(path: str) -> str:
+    if hub.is_hub(path):
+        return "hub"
     for kind in ("synthetic", "generator"):
         if path.startswith(kind + ":"):
             return kind
@@ -79,7 +82,12 @@ def resolve_files(key: str, path: str) -> list[Path]:
     """The files a file/folder/glob/builtin source names, sorted; all of one format."""
     if path.startswith("builtin:"):
         return [resolve_path(path, f"{key}.path")]
+    if hub.is_hub(path):  # callers that read local files only (e.g. sft examples)
+        raise UserError(f"{key}.path: {path} is a hub dataset, and this use reads local files only; save it as "
+                        "JSONL or Parquet (datasets.load_dataset(...).to_json) and give that file")
     p = Path(path).expanduser()
+    if p.is_dir() and (p / "stats.json").is_file() and (p / "data").is_dir():
+        p = p / "data"  # a `meshforge curate` output: its kept documents, not removed/ or work/
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in BUILDERS)
         where = f"folder {path}"
@@ -145,10 +153,13 @@ def _stat(p: Path) -> list:
 
 
 def fingerprint(key: str, src: SourceConfig) -> dict:
-    """What a source's documents depend on: its settings and its files' sizes and modification times."""
+    """What a source's documents depend on: its settings and its files' sizes and modification times (a hub
+    dataset's repository, config, split and revision)."""
     fp = {"path": src.path, "split_by": src.split_by, "text_field": src.text_field}
     kind = source_kind(src.path)
-    if kind == "files":
+    if kind == "hub":
+        fp["hub"] = hub.fingerprint(key, src.path)
+    elif kind == "files":
         fp["files"] = [_stat(f) for f in resolve_files(key, src.path)]
     elif kind == "generator":
         _, file = _generator_target(key, src.path)
@@ -157,8 +168,8 @@ def fingerprint(key: str, src: SourceConfig) -> dict:
 
 
 def hf_datasets():
-    """HuggingFace `datasets`, imported on first use, offline and quiet."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # never reach for the network
+    """HuggingFace `datasets`, imported on first use, quiet. Local files never reach the network; hub sources
+    follow data.hf_offline (data/hub.py)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -177,6 +188,11 @@ def check_field(key: str, src: SourceConfig, field: str, setting: str) -> None:
     kind = source_kind(src.path)
     files = resolve_files(key, src.path) if kind == "files" else []
     suffix = files[0].suffix.lower() if files else ""
+    if kind == "hub":
+        names = hub.load(key, src.path).column_names
+        if field not in names:
+            raise UserError(f"{setting}: {field!r} is not a field of {key} ({src.path} has {', '.join(names)})")
+        return
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -202,7 +218,8 @@ def load_documents(key: str, src: SourceConfig, hf_cache: Path, keep: tuple[str,
     JSONL/Parquet records); empty ones dropped."""
     datasets = hf_datasets()
     kind = source_kind(src.path)
-    if keep and (kind == "generator" or BUILDERS.get(resolve_files(key, src.path)[0].suffix.lower()) == "text"):
+    if keep and (kind == "generator" or kind == "files" and
+                 BUILDERS.get(resolve_files(key, src.path)[0].suffix.lower()) == "text"):
         raise UserError(f"{key}.path: {src.path} has no fields besides its text (looking for {keep[0]!r}); "
                         "fields come from JSONL or Parquet records")
     try:
@@ -212,6 +229,8 @@ def load_documents(key: str, src: SourceConfig, hf_cache: Path, keep: tuple[str,
             ds = datasets.Dataset.from_generator(_generated_documents, cache_dir=str(hf_cache), fingerprint=fp,
                                                  gen_kwargs={"fn": fn, "field": src.text_field})
             column = "text"
+        elif kind == "hub":
+            ds, column = hub.load(key, src.path), src.text_field
         else:
             files = resolve_files(key, src.path)
             builder = BUILDERS[files[0].suffix.lower()]

@@ -37,18 +37,24 @@ def chunk_length(T: int, rows: int, chunk_tokens: int) -> int:
 
 
 def cross_entropy_sums(x_BTD: jax.Array, head_DV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array, *,
-                       chunk_tokens: int) -> tuple[jax.Array, jax.Array]:
+                       chunk_tokens: int, per_row: bool = False) -> tuple[jax.Array, ...]:
     """(sum of weighted token losses, sum of weights), float32; divide once, after all sums are in.
 
     chunk_tokens bounds the tokens per device whose logits exist at once. Chunks run along the length axis, so
-    every chunk keeps the batch's sharding; a last partial chunk is padded with weight 0.
+    every chunk keeps the batch's sharding; a last partial chunk is padded with weight 0. per_row (evaluation:
+    no gradient rule) adds a third output, each row's sum of weighted token losses (B,), from the same pass; the
+    total is computed as without it.
     """
     weights_BT = weights_BT.astype(jnp.float32)
     B, T, _ = x_BTD.shape
     c = chunk_length(T, math.ceil(B / shards("batch")), chunk_tokens)
     if c >= T:
         losses_BT = _token_losses(head_logits(x_BTD, head_DV), targets_BT)[0]
-        return (losses_BT * weights_BT).sum(), weights_BT.sum()
+        rows = ((losses_BT * weights_BT).sum(1),) if per_row else ()
+        return (losses_BT * weights_BT).sum(), weights_BT.sum(), *rows
+    if per_row:
+        total, rows_B = _scan(x_BTD, head_DV, targets_BT, weights_BT, c, grads=False, per_row=True)
+        return total, weights_BT.sum(), rows_B
     return _chunked_sum(x_BTD, head_DV, targets_BT, weights_BT, c), weights_BT.sum()
 
 
@@ -69,8 +75,9 @@ def _chunked_sum(x_BTD, head_DV, targets_BT, weights_BT, c: int) -> jax.Array:
     return loss_sum(x_BTD, head_DV, targets_BT, weights_BT)
 
 
-def _scan(x_BTD, head_DV, targets_BT, weights_BT, c: int, *, grads: bool):
-    """Loss sum over chunks of c positions; with grads, also d(sum)/dx, d(sum)/dhead and each token's loss."""
+def _scan(x_BTD, head_DV, targets_BT, weights_BT, c: int, *, grads: bool, per_row: bool = False):
+    """Loss sum over chunks of c positions; with grads, also d(sum)/dx, d(sum)/dhead and each token's loss; with
+    per_row (and no grads), also each row's loss sum."""
     B, T, D = x_BTD.shape
     V = head_DV.shape[1]
     n = math.ceil(T / c)
@@ -88,14 +95,16 @@ def _scan(x_BTD, head_DV, targets_BT, weights_BT, c: int, *, grads: bool):
         return jnp.moveaxis(a.reshape(B, n, c, *a.shape[2:]), 1, 0)
 
     def body(carry, xs):
-        total, dhead_SDV = carry
+        total, rows_B, dhead_SDV = carry  # rows_B: each row's sum with per_row, else None
         x_BcD, t_Bc, w_Bc = xs
         x_BcD = constrain(x_BcD, ("batch", "length", "act_embed"))
         logits_BcV = head_logits(x_BcD, head_DV)
         losses_Bc, lse_Bc, hit_BcV = _token_losses(logits_BcV, t_Bc)
         total = total + (losses_Bc * w_Bc).sum()
+        if per_row:
+            rows_B = rows_B + (losses_Bc * w_Bc).sum(1)
         if not grads:
-            return (total, dhead_SDV), None
+            return (total, rows_B, dhead_SDV), None
         # d(loss)/d(logits) = (softmax - one-hot) * weight, kept in float32 for the two matmuls below, as autodiff
         # of the plain form does (its transposed dots take the float32 cotangent as it is)
         dlogits_BcV = (jnp.exp(logits_BcV - lse_Bc[..., None]) - hit_BcV) * w_Bc[..., None]
@@ -103,13 +112,14 @@ def _scan(x_BTD, head_DV, targets_BT, weights_BT, c: int, *, grads: bool):
         dhead_SDV = dhead_SDV + jnp.einsum("sbcd,sbcv->sdv", x_BcD.reshape(S, B // S, c, D),
                                            dlogits_BcV.reshape(S, B // S, c, V), preferred_element_type=jnp.float32)
         dhead_SDV = constrain(dhead_SDV, ("batch", "act_embed", "act_vocab"))
-        return (total, dhead_SDV), (dx_BcD, losses_Bc)
+        return (total, rows_B, dhead_SDV), (dx_BcD, losses_Bc)
 
     dhead_SDV = constrain(jnp.zeros((S, D, V), jnp.float32), ("batch", "act_embed", "act_vocab")) if grads else None
-    (total, dhead_SDV), ys = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dhead_SDV),
-                                          (chunks(x_BTD), chunks(targets_BT), chunks(weights_BT)))
+    rows_B = jnp.zeros((B,), jnp.float32) if per_row else None
+    (total, rows_B, dhead_SDV), ys = jax.lax.scan(body, (jnp.zeros((), jnp.float32), rows_B, dhead_SDV),
+                                                  (chunks(x_BTD), chunks(targets_BT), chunks(weights_BT)))
     if not grads:
-        return (total,)
+        return (total, rows_B) if per_row else (total,)
 
     def unchunk(a):  # (n, B, c, ...) -> (B, T, ...)
         return jnp.moveaxis(a, 0, 1).reshape(B, n * c, *a.shape[3:])[:, :T]

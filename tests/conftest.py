@@ -18,6 +18,9 @@ if _OWN_CACHE:
                                                           "ignore:Error reading persistent compilation cache"]))
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# No test may reach the network: HuggingFace's libraries (datasets, huggingface_hub, transformers) refuse every
+# request in offline mode, and the CLI runs the tests start inherit it (meshforge only ever turns offline on).
+os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402

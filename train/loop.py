@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from data.loader import process_rows, to_global
 from data.tokenize import save_tokenizer
@@ -46,20 +47,41 @@ from train.task_eval import task_evaluator
 from train.workdir import RunLock, archive_run, ensure_writable, is_storage_failure, storage_error
 
 
-def evaluate(setup: Setup, params, eval_step, max_batches: int = 0) -> float:
-    """Mean loss over the validation split (the whole split unless max_batches > 0)."""
+def val_source_names(setup: Setup) -> list[str]:
+    """The names of val_loss_<name>: the validation sources, when there are several (with one, val_loss is its
+    loss already, and the eval step stays the plain one)."""
+    names = list(setup.data.val_names)
+    return names if len(names) > 1 else []
+
+
+def eval_step_for(setup: Setup):
+    """The jitted eval step `evaluate` needs for this run's validation sources."""
+    return make_eval_step(setup.mdef, setup.shardings["params"], setup.batch_sharding, len(val_source_names(setup)))
+
+
+def evaluate(setup: Setup, params, eval_step, max_batches: int = 0) -> dict[str, float]:
+    """{'val_loss': the token-weighted mean loss over the validation windows, and with several validation
+    sources 'val_loss_<name>' for each}, from one pass (over all planned windows unless max_batches > 0).
+    eval_step: eval_step_for(setup). A source no evaluated window reaches (max_batches) reports NaN."""
     cfg = setup.cfg.train
     bs = setup.batch_sharding
     batch_size = padded_rows(setup.mesh, cfg.eval_batch_size)  # padded rows have zero weight
     rows = process_rows(bs, batch_size)
+    names = val_source_names(setup)
+    by_row = NamedSharding(setup.mesh, PartitionSpec(bs.spec[0]))
     sums = []
     for host_batch in setup.data.eval_batches(batch_size, rows, max_batches):
-        sums.append(eval_step(params, to_global(host_batch, bs, batch_size)))
+        source = host_batch.pop("source", None)
+        source = (jax.make_array_from_process_local_data(by_row, source, (batch_size,)),) if names else ()
+        sums.append(eval_step(params, to_global(host_batch, bs, batch_size), *source))
         throttle(sums)
-    if not sums:
-        return float("nan")  # an empty validation split (e.g. data.synthetic_val_rows 0): nothing to report
-    loss, weight = (float(sum(x)) for x in zip(*jax.device_get(sums)))
-    return loss / max(weight, 1.0)
+    if not sums:  # an empty validation split (e.g. data.synthetic_val_rows 0): nothing to report
+        return {"val_loss": float("nan"), **{f"val_loss_{n}": float("nan") for n in names}}
+    totals = [sum(x) for x in zip(*jax.device_get(sums))]  # loss, weight (, per-source loss, weight)
+    out = {"val_loss": float(totals[0]) / max(float(totals[1]), 1.0)}
+    for name, loss, weight in zip(names, *totals[2:]):
+        out[f"val_loss_{name}"] = float(loss) / float(weight) if weight > 0 else float("nan")
+    return out
 
 
 def window_metrics(fetched: list[dict]) -> dict[str, float]:
@@ -241,7 +263,6 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
 
     rate = Throughput(cfg.model, tc.seq_len, compiled.started, compiled.meter)
     evaluations = Evaluations(setup, metrics, progress, rate, compiled.on_eval)
-    task_scores: dict = {}
     faults = Faults()
     batch = setup.batch_fn(edit=faults.corrupt_batch)
     next_batch = batch(start)
@@ -250,7 +271,6 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
                     ckpt.latest_step)
     diagnostics = diagnostics_for(setup, progress.log)  # log.diagnostics_every: per-layer norms, warnings
     last: dict = {}
-    val_loss = None
     stop = False
     last_save_step, last_save_t = start, time.perf_counter()
     rate.restart()  # the first window starts with the first step
@@ -278,9 +298,7 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
                     **diagnostics.row(done, window)}
             metrics.write(done, last)
             progress.update(done, last)
-        evaluated = ((tc.eval_every and done % tc.eval_every == 0) or done == tc.steps) and not stop
-        if evaluated:
-            val_loss, task_scores = evaluations(state["params"], done)
+        evaluated = evaluations.when_due(state["params"], done, stop)
         if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps or stop or timed_save:
             ckpt.save(done, state, {"data": setup.data.state(done), "config": cfg.to_dict(),
                                     "accounting": rate.energy_totals()})
@@ -295,15 +313,17 @@ def _loop(setup: Setup, workdir: Path, state, start: int, ckpt: Checkpointer, me
 
     ckpt.wait()
     ckpt.close()
-    summary = run_summary(cfg, done, start, stop, n_params, last, val_loss, task_scores, rate, compiled)
+    summary = run_summary(cfg, done, start, stop, n_params, last, evaluations, rate, compiled)
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps({k: json_value(v) for k, v in summary.items()}, indent=2))
     progress.close()
-    progress.log("done: " + ", ".join(f"{k} {_short(v)}" for k, v in summary.items() if k not in SUMMARY_ONLY))
+    progress.log("done: " + ", ".join(f"{k} {_short(v)}" for k, v in summary.items() if k not in SUMMARY_ONLY
+                                      and not k.startswith("final_val_loss_")))
     return summary
 
 
-# summary.json keys the closing "done:" line leaves out: names and the accounting's constants and sources.
+# summary.json keys the closing "done:" line leaves out: names and the accounting's constants and sources (and
+# the per-source validation losses, final_val_loss_<name>).
 SUMMARY_ONLY = ("name", "platform", "chip", "chips_per_host", "energy_method_accelerators", "energy_method_cpu",
                 "carbon_source", "price_source", "chip_hours_busy", "energy_kwh_accelerators", "energy_kwh_cpu")
 
@@ -316,15 +336,15 @@ def _short(v):
 RUN_TOTALS = ("comm_bytes", "sync_comm_bytes", "dp_epsilon")
 
 
-def run_summary(cfg: Config, done: int, start: int, stop: bool, n_params: int, last: dict, val_loss, task_scores,
-                rate: "Throughput", compiled: Compiled) -> dict:
+def run_summary(cfg: Config, done: int, start: int, stop: bool, n_params: int, last: dict,
+                evaluations: "Evaluations", rate: "Throughput", compiled: Compiled) -> dict:
     return {
         "name": cfg.name, "steps": cfg.train.steps, "last_step": done, "steps_this_run": done - start,
         "preempted": stop, "params": n_params, **rate.summary(done - start), "compile_s": round(compiled.seconds, 2),
-        "final_loss": last.get("loss"), "final_val_loss": val_loss,
+        "final_loss": last.get("loss"), "final_val_loss": evaluations.val_loss,
         **({"final_sparsity": last["sparsity"]} if "sparsity" in last else {}),
         **{k: last[k] for k in RUN_TOTALS if k in last},
-        **{f"final_{k}": v for k, v in task_scores.items()}, "skipped_steps": last.get("skipped_steps", 0),
+        **{f"final_{k}": v for k, v in evaluations.figures.items()}, "skipped_steps": last.get("skipped_steps", 0),
         "devices": jax.device_count(), "processes": jax.process_count(), "platform": jax.devices()[0].platform,
     }
 
@@ -412,24 +432,37 @@ class Throughput:
 
 
 class Evaluations:
-    """The validation loss (and synthetic-task scores) at a step: computed, logged, and timed for the summary."""
+    """The validation loss (per source too, with several) and synthetic-task scores at a step: computed, logged,
+    and timed for the summary; the last ones stay for it (val_loss, figures)."""
 
     def __init__(self, setup: Setup, metrics: MetricsWriter, progress: Progress, rate: Throughput,
                  on_eval: Callable[[int, float], None] | None = None):
         self.setup, self.metrics, self.progress, self.rate = setup, metrics, progress, rate
         self.on_eval = on_eval
-        self.eval_step = make_eval_step(setup.mdef, setup.shardings["params"], setup.batch_sharding)
+        self.eval_step = eval_step_for(setup)
         self.task_eval = task_evaluator(setup)  # synthetic tasks: exact match of greedy samples on held-out problems
+        self.val_loss: float | None = None
+        self.figures: dict[str, float] = {}  # the last val_loss_<name> and task scores
+
+    def when_due(self, params: dict, step: int, stop: bool) -> bool:
+        """Evaluate if train.eval_every (or the last step) asks for it at this step and the run is not stopping."""
+        tc = self.setup.cfg.train
+        due = ((tc.eval_every and step % tc.eval_every == 0) or step == tc.steps) and not stop
+        if due:
+            self(params, step)
+        return bool(due)
 
     def __call__(self, params: dict, step: int) -> tuple[float, dict]:
         t = time.perf_counter()
-        val_loss = evaluate(self.setup, params, self.eval_step, self.setup.cfg.train.eval_batches)
+        losses = evaluate(self.setup, params, self.eval_step, self.setup.cfg.train.eval_batches)
         scores = self.task_eval(params) if self.task_eval is not None else {}
         seconds = time.perf_counter() - t
         self.rate.eval_s, self.rate.evals = self.rate.eval_s + seconds, self.rate.evals + 1
-        self.metrics.write(step, {"val_loss": val_loss, **scores})
-        self.progress.log(f"eval at step {step}: val_loss {val_loss:.4f}"
+        self.metrics.write(step, {**losses, **scores})
+        val_loss = self.val_loss = losses.pop("val_loss")
+        self.progress.log(f"eval at step {step}: val_loss {val_loss:.4f}"  # (per-source losses: metrics only)
                           + "".join(f", {k} {v:.4f}" for k, v in scores.items()) + f" ({seconds:.1f}s)")
+        self.figures = {**losses, **scores}
         if self.on_eval is not None:
             self.on_eval(step, val_loss)
-        return val_loss, scores
+        return val_loss, self.figures

@@ -6,7 +6,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from models.loss import cross_entropy_sums
 from optim.chains import accumulate_gradients, nonfinite_counts, schedule_count
@@ -16,9 +16,10 @@ from train.diagnostics import layout, step_diagnostics
 from train.state import ModelDef, State
 
 
-def _forward_sums(mdef: ModelDef, params, batch, dropout_key, act_stats: bool = False):
+def _forward_sums(mdef: ModelDef, params, batch, dropout_key, act_stats: bool = False, per_row: bool = False):
     """(loss sum, weight sum, aux): aux holds the model's MoE statistics and weighted `aux_loss` ({} if dense),
-    and with act_stats each layer's output mean square `act_ms` (diagnostics).
+    and with act_stats each layer's output mean square `act_ms` (diagnostics). per_row (evaluation) inserts each
+    row's loss sum (B,) before aux.
 
     The model stops at its final hidden states and the loss makes the logits a chunk at a time (models/loss.py):
     float32 (B, T, V) logits never exist at once at a large vocabulary.
@@ -27,7 +28,7 @@ def _forward_sums(mdef: ModelDef, params, batch, dropout_key, act_stats: bool = 
     x_BTD, aux = model(batch["inputs"], segment_ids_BT=batch.get("segment_ids"), positions_BT=batch.get("positions"),
                        dropout_key=dropout_key, return_aux=True, return_hidden=True, act_stats=act_stats)
     sums = cross_entropy_sums(x_BTD, model.head_weights(), batch["targets"], batch["weights"],
-                              chunk_tokens=mdef.cfg.loss_chunk_tokens)
+                              chunk_tokens=mdef.cfg.loss_chunk_tokens, per_row=per_row)
     return (*sums, aux)
 
 
@@ -118,8 +119,24 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, schedule: 
                    out_shardings=(state_shardings, None), donate_argnums=0)
 
 
-def make_eval_step(mdef: ModelDef, param_shardings: dict, batch_sharding: NamedSharding) -> Callable:
-    def eval_step(params, batch):
-        return _forward_sums(mdef, params, batch, None)[:2]
+def make_eval_step(mdef: ModelDef, param_shardings: dict, batch_sharding: NamedSharding,
+                   n_sources: int = 0) -> Callable:
+    """(params, batch) -> (loss sum, weight sum). With n_sources > 0: (params, batch, source_B) -> also each
+    source's loss and weight sums (n_sources,), source_B holding each row's source index: the overall and every
+    per-source loss from one pass over the validation data, and the overall sums computed as without sources."""
+    if not n_sources:
+        def eval_step(params, batch):
+            return _forward_sums(mdef, params, batch, None)[:2]
 
-    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding))
+        return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding))
+
+    def eval_step_by_source(params, batch, source_B):
+        loss, weight, loss_B, _ = _forward_sums(mdef, params, batch, None, per_row=True)
+        weight_B = batch["weights"].astype(jnp.float32).sum(1)
+        # a masked sum over the (sharded) rows: one all-reduce of n_sources values, exact float32 adds
+        in_source_BK = source_B[:, None] == jnp.arange(n_sources)
+        return (loss, weight, jnp.where(in_source_BK, loss_B[:, None], 0.0).sum(0),
+                jnp.where(in_source_BK, weight_B[:, None], 0.0).sum(0))
+
+    rows = NamedSharding(batch_sharding.mesh, PartitionSpec(batch_sharding.spec[0]))  # (B,): the rows' axes
+    return jax.jit(eval_step_by_source, in_shardings=(param_shardings, batch_sharding, rows))

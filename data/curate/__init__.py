@@ -1,0 +1,25 @@
+"""Data curation over datatrove: `meshforge curate SPEC.py --input CORPUS.jsonl --output DIR`.
+
+A curation spec is a Python file like an experiment: `get_config()` returns a `CurateConfig` (data/curate/spec.py)
+naming the stages to run and their thresholds. The stages are datatrove's own steps (exact and MinHash
+deduplication, Gopher and C4 quality filters, its PII formatter) plus two small steps of ours that datatrove lacks
+(phone and payment-card scrubbing, n-gram decontamination against an evaluation set). `curate(cfg)` runs them with
+datatrove's local, Slurm or Ray executor and writes kept documents under DIR/data/, removed ones under
+DIR/removed/<stage>/, and statistics to DIR/stats.json and DIR/plots/.
+
+This package's top level imports nothing heavy: datatrove, spaCy and matplotlib live in the `curate` extra and are
+imported only by the modules that run a curation.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from data.curate.spec import CurateConfig
+
+
+def curate(cfg: CurateConfig, overwrite: bool = False) -> dict:
+    """Run the curation `cfg` describes and return its statistics (the content of DIR/stats.json); see run.py."""
+    from data.curate.run import curate as _curate
+
+    return _curate(cfg, overwrite=overwrite)
