@@ -36,6 +36,13 @@ three of them would gut verse and dialogue, so this spec relaxes them:
 For web text, put them back: --gopher_quality.min_alpha_words_ratio 0.8 --c4.filter_no_terminal_punct true
 --c4.min_words_per_line 3. Decontamination needs an evaluation set (--decontaminate.eval_path); without one the
 stage passes every document and says so.
+
+Kept documents are not always kept as they came: c4 drops lines from documents it keeps (and strips lines and
+removes citations), and pii replaces e-mails, IPs, phone and card numbers with <EMAIL>, <IP>, <PHONE>, <CARD>.
+stats.json records both (each stage's `documents_changed`, c4's `lines_dropped` per rule, pii's `replaced` per
+kind); c4 writes each changed document's text as it was to DIR/removed/c4_lines/ (reason lines_dropped or
+text_edited; those documents are kept, not counted as removed). To keep the text before pii too, pass
+--run.keep_work true: every stage's input shards then stay in DIR/work/shards/.
 """
 from data.curate.spec import C4Config, CurateConfig, GopherQualityConfig, RunConfig
 

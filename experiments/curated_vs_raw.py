@@ -17,8 +17,14 @@ MinHash deduplication), so both runs train the same model for the same number of
 byte-level), one on the raw corpus and one on the curated folder (`data.path` of a curation folder reads its
 kept shards), and both are scored on the held-out set (`data.val_sources`).
 
-Hardware: a 2-core CPU. Expected (2-core AMD EPYC VM): held-out validation loss RAW vs CURATED at step 2,000 (see
-the README's data section for the figures measured with this file).
+Hardware: a 2-core CPU (2 virtual XLA devices). Measured on a 2-core AMD EPYC VM shared with other jobs:
+- curation: 2,762 documents (2.9 MB) in, 939 out, in 24 s: exact_dedup removed 1,200, minhash_dedup 598 (2 of the
+  near copies stayed), the Gopher filters 25 (repetitive or short speeches), c4, decontaminate and pii none;
+- held-out validation loss at steps 500 / 1,000 / 1,500 / 2,000:
+      raw       2.0764 / 1.9527 / 1.8822 / 1.8617
+      curated   2.0742 / 1.9304 / 1.8359 / 1.7854
+  The same compute on the curated corpus ends 0.076 nats lower: two thirds of the raw run's tokens were 30
+  speeches seen again and again, which the held-out set does not reward. Each run took 2-3 minutes.
 """
 from __future__ import annotations
 

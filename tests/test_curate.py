@@ -1,5 +1,6 @@
 """meshforge curate: MinHash near-duplicate recall/precision at threshold 0.8, PII scrubbing, decontamination,
-statistics, identical results on a rerun, with 2 workers and after a resumed failure, and one-line errors.
+statistics (what C4 and PII changed in kept documents too), identical results on a rerun, with 2 workers and after a
+resumed failure, --overwrite starting clean, and one-line errors.
 
 Corpora are generated here: random-word documents with planted near-duplicate and hard-negative pairs at measured
 shingle Jaccard similarities (MinHash only, no spaCy), and a small tinyshakespeare demo corpus (data/curate/demo.py)
@@ -71,6 +72,11 @@ def test_minhash_threshold_08_finds_planted_near_duplicates(tmp_path):
         copy, _ = near_copy(base[i], rng, vocab, 0.3, 0.5)
         records.append({"id": f"far-{i}", "text": copy})
         negatives.append((f"base-{i}", f"far-{i}"))
+    close = []  # negatives at 0.6-0.75, just under the threshold: caught as the S-curve says (0.07-0.50), see below
+    for i in range(160, 220):
+        copy, sim = near_copy(base[i], rng, vocab, 0.6, 0.75)
+        records.append({"id": f"close-{i}", "text": copy})
+        close.append((f"base-{i}", f"close-{i}", sim))
     rng.shuffle(records)
     corpus = _jsonl(tmp_path / "corpus.jsonl", records)
 
@@ -83,10 +89,22 @@ def test_minhash_threshold_08_finds_planted_near_duplicates(tmp_path):
     caught = [a in removed or b in removed for a, b in near]
     recall = sum(caught) / len(near)
     true_removals = {d for pair in near for d in pair if d in removed and (set(pair) - {d}) <= kept}
-    precision = len(true_removals) / max(1, len(removed))
+    close_docs = {d for a, b, _ in close for d in (a, b)}
+    # recall >= 0.95 on the pairs at >= 0.85 with precision >= 0.95 against the negatives at 0.3-0.5 (measured: 1.00
+    # and 1.00)
+    precision = len(true_removals) / max(1, len(removed - close_docs))
     assert recall >= 0.95, (recall, len(near))
-    assert precision >= 0.95, (precision, sorted(removed - true_removals))
+    assert precision >= 0.95, (precision, sorted(removed - close_docs - true_removals))
     assert not any(a in removed and b in removed for a, b in near)  # one kept per cluster
+    # Against negatives at 0.6-0.75, precision >= 0.95 is not met, by a documented choice (spec.py's docstring):
+    # candidate pairs are not verified, and no banding of 120 hashes catches >= 95% of pairs at 0.85 and <= 5% of
+    # pairs at 0.6 (that takes 240 hashes, 20 x 12; at 0.75, ~21,000); the 12 x 10 banding picked for threshold 0.8
+    # catches a pair at 0.75 half the time. Measured here: 24 of the 60 close pairs (at 0.68-0.75) caught, 20.7
+    # expected; precision with them counted as negatives 0.81. Asserted: they are caught as the curve says.
+    p = [catch_probability(sim, 12, 10) for *_, sim in close]
+    close_caught = sum(a in removed or b in removed for a, b, _ in close)
+    sd = sum(q * (1 - q) for q in p) ** 0.5
+    assert abs(close_caught - sum(p)) <= 4 * sd + 1, (close_caught, sum(p), sd)
     entry = stats["stages"][1]
     assert entry["removed_by_reason"] == {"near_duplicate": len(removed)}
     assert stats["minhash"]["catch_probability"]["0.90"] > 0.99 and stats["minhash"]["catch_probability"]["0.50"] < 0.02
@@ -112,8 +130,28 @@ def test_pii_scrubber_replaces_valid_items_and_leaves_luhn_failures():
             assert items[kind] not in text, (kind, items[kind], text)
         assert items["card_invalid"] in text, text
         assert counts == {"email": 1, "ip": 1, "phone": 1, "card": 1}, (counts, text)
+        # the number before the card and its MM/YY stay (the card's grouping can make "card MM" one 18-digit number
+        # that passes Luhn; then the month goes with the card)
+        expected = pii_sentence({**items, "email": "<EMAIL>", "ip": "<IP>", "phone": "<PHONE>", "card": "<CARD>"})
+        month = items["card_expiry"].split("/")[0]
+        assert text.splitlines()[1] in (expected, expected.replace(f"<CARD> {month}/", "<CARD>/")), text
     untouched = "Order 4111 1111 1111 1112 shipped on 2024-01-15 at 10:30; see ISBN 978-3-16-148410-0, 192.168.1.1."
     assert step.scrub(untouched) == (untouched, {})  # Luhn failure, a date, an ISBN, a private IP
+    # a digit group next to a card or phone number does not hide it
+    for text, scrubbed, counts in [
+        ("Visa 4111 1111 1111 1111 12/25, cvv 123.", "Visa <CARD> 12/25, cvv 123.", {"card": 1}),
+        ("Card 4111-1111-1111-1111 2025", "Card <CARD> 2025", {"card": 1}),
+        ("card #1 4111 1111 1111 1111 ok", "card #1 <CARD> ok", {"card": 1}),
+        ("amex 3782 822463 10005 03/26 or 4111111111111111 12/25", "amex <CARD> 03/26 or <CARD> 12/25", {"card": 2}),
+        ("Call 202 555 0143 24 hours a day.", "Call <PHONE> 24 hours a day.", {"phone": 1}),
+        ("Call +1 202 555 0143 24 hours", "Call <PHONE> 24 hours", {"phone": 1}),
+        ("Call (202) 555-0143 24 hours", "Call <PHONE> 24 hours", {"phone": 1}),
+    ]:
+        assert step.scrub(text) == (scrubbed, counts), text
+    # card-like numbers that fail Luhn stay exactly as they were, next to other numbers too, and shield no phone
+    for text in ["order 4111 1111 1111 1112", "order 4111 1111 1111 1112 2025", "ref 12 4111 1111 1111 1112 99 ok",
+                 "order 3782 822463 10006 03/26", "order #7 4111-1111-1111-1112 09/27", "1 2 3 4 5 6 7 8 9 10 11 12"]:
+        assert step.scrub(text) == (text, {}), text
 
 
 # --- the full pipeline on the demo corpus ---------------------------------------------------------------------------
@@ -170,10 +208,14 @@ def _check_pii(out: Path, stats: dict, manifest: dict) -> None:
     for p in planted:
         for kind in ("email", "ip", "phone", "card"):
             assert p[kind] not in text, (kind, p[kind])
-        assert p["card_invalid"] in kept[p["id"]]["text"]
-    replaced = stats["stages"][-1]["replaced"]
+        doc = kept[p["id"]]["text"]
+        assert p["card_invalid"] in doc
+        assert f"{p['card_before']} <CARD> {p['card_expiry']}" in doc or f"{p['card_before']} <CARD>/" in doc, doc
+    pii = stats["stages"][-1]
+    replaced = pii["replaced"]
     assert replaced["email"] == replaced["ip"] == replaced["phone"] == replaced["card"] == text.count("<CARD>")
     assert replaced["card"] >= len(planted)
+    assert pii["documents_changed"] == sum("<CARD>" in r["text"] for r in kept.values())
 
 
 def _check_decontamination(out: Path, manifest: dict) -> None:
@@ -377,3 +419,43 @@ def test_cli_output_folder_rules(tiny, capsys, monkeypatch):
     rc, err = _cli(capsys, spec, "--input", corpus, "--output", tmp, "--overwrite")
     assert rc == 2 and "holds the input" in err, err
     assert (out / "stats.json").is_file() and sibling.is_file() and corpus.is_file()
+
+
+def test_overwrite_starts_clean_and_a_broken_spec_json_is_refused(tiny, capsys):
+    tmp, corpus, spec = tiny
+    out = tmp / "out"
+    assert _cli(capsys, spec, "--input", corpus, "--output", out)[0] == 0
+    reference = _tree(out / "data")
+    for finished in (True, False):  # a finished curation, and an unfinished one of the same spec (which a run
+        if not finished:             # without --overwrite resumes): --overwrite empties the folder first
+            (out / "stats.json").unlink()
+        (out / "work" / "marker").write_text("from before")
+        rc, _ = _cli(capsys, spec, "--input", corpus, "--output", out, "--overwrite")
+        assert rc == 0 and not (out / "work" / "marker").exists(), finished
+        assert (out / "stats.json").is_file() and _tree(out / "data") == reference
+
+    for broken in ('{"fingerprint": {"input": ', "[1, 2]", '{"spec": {}}', ""):  # truncated, foreign, empty
+        (out / "work" / "spec.json").write_text(broken)
+        rc, err = _cli(capsys, spec, "--input", corpus, "--output", out)
+        assert rc == 2 and len(err.splitlines()) == 1, err
+        assert "work/spec.json is not a curation's" in err and "pass --overwrite" in err, err
+    rc, _ = _cli(capsys, spec, "--input", corpus, "--output", out, "--overwrite")
+    assert rc == 0 and json.loads((out / "work" / "spec.json").read_text())["fingerprint"]
+
+
+def test_c4_records_dropped_lines_and_keeps_the_text_it_changed(tmp_path):
+    sentences = " ".join(f"Sentence number {k} is here." for k in range(6))
+    records = [{"id": "clean", "text": sentences},
+               {"id": "edited", "text": f"{sentences}\nno terminal punctuation here\nshort.\nThis cites a source [1]."},
+               {"id": "policy", "text": f"{sentences}\nRead our privacy policy before you go."}]
+    corpus = _jsonl(tmp_path / "corpus.jsonl", records)
+    stats = curate(dataclasses.replace(_spec(corpus, tmp_path / "out", tasks=1), stages=("c4",)))
+    c4 = stats["stages"][1]
+    assert c4["documents"] == 3 and c4["removed_by_reason"] == {}
+    assert c4["lines_dropped"] == {"no_terminal_punc": 1, "too_few_words": 1, "policy": 1}
+    assert c4["documents_changed"] == 2
+    kept = _read(tmp_path / "out" / "data")
+    assert kept["edited"]["text"] == f"{sentences}\nThis cites a source ." and kept["clean"]["text"] == sentences
+    originals = _read(tmp_path / "out" / "removed" / "c4_lines")  # the text before C4 changed it
+    assert {i: (r["text"], r["reason"]) for i, r in originals.items()} == {
+        i: (r["text"], "lines_dropped") for i, r in ((r["id"], r) for r in records) if i != "clean"}

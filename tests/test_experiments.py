@@ -138,3 +138,23 @@ def test_finetune_starts_from_the_exported_pretraining_run(cache, tmp_path):
     assert r.returncode == 0, r.stderr
     first_from_run = json.loads((tmp_path / "ft2" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     assert abs(first_from_run - first) < 1e-5, (first_from_run, first)
+
+
+def test_curated_vs_raw_prepares_copies_apart_from_its_held_out_set(tmp_path):
+    """The raw corpus holds every training speech plus the planted copies, the held-out set none of them (so
+    the two runs are scored on text neither trained on), and the experiment reads what `prepare` writes."""
+    import importlib
+
+    cvr = importlib.import_module("experiments.curated_vs_raw")
+    counts = cvr.prepare(tmp_path)
+    raw = [json.loads(line) for line in (tmp_path / "raw.jsonl").read_text().splitlines()]
+    held = [json.loads(line)["text"] for line in (tmp_path / "heldout.jsonl").read_text().splitlines()]
+    assert len(raw) == counts["raw_documents"] == counts["train_documents"] + cvr.COPIED * cvr.COPIES
+    assert sum(r["id"].startswith("copy-") for r in raw) == cvr.COPIED * cvr.COPIES
+    held_set = set(held)
+    assert held and not any(r["text"] in held_set for r in raw)
+    originals = {r["text"] for r in raw if r["id"].startswith("doc-")}
+    verbatim = [r for r in raw if r["id"].startswith("copy-") and r["text"] in originals]
+    assert len(verbatim) == cvr.COPIED * cvr.COPIES // 3  # a third byte for byte; the rest edited
+    cfg = cvr.get_config()
+    assert cfg.data.path.endswith("raw.jsonl") and cfg.data.val_sources[0].path.endswith("heldout.jsonl")

@@ -7,6 +7,13 @@ deduplication, Gopher and C4 quality filters, its PII formatter) plus two small 
 datatrove's local, Slurm or Ray executor and writes kept documents under DIR/data/, removed ones under
 DIR/removed/<stage>/, and statistics to DIR/stats.json and DIR/plots/.
 
+Two stages change the text of documents they keep: c4 drops lines (and strips them, and removes citations) and
+pii replaces e-mails, IPs, phone and card numbers by placeholders. Both are recorded: stats.json counts each
+stage's `documents_changed`, c4's `lines_dropped` per rule and pii's `replaced` per kind, and c4 writes the text a
+document had before it changed it to DIR/removed/c4_lines/ (reason lines_dropped or text_edited; these documents
+are kept, not counted as removed). To keep every stage's input text, pii's included, set run.keep_work: each
+stage's input shards stay in DIR/work/shards/<NN>_<stage before>/.
+
 This package's top level imports nothing heavy: datatrove, spaCy and matplotlib live in the `curate` extra and are
 imported only by the modules that run a curation.
 """

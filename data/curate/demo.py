@@ -3,10 +3,11 @@
 tinyshakespeare (shipped in data/corpora/) cut into documents of whole speeches (>= 150 words each), plus
 documents planted at known places: exact duplicates (copies differing only in case and spacing), near duplicates
 (copies with words replaced until their 5-word-shingle Jaccard similarity lies in a chosen range, 0.85-0.95 by
-default), documents carrying PII (e-mails, public IPs, valid phone numbers, Luhn-valid card numbers, and card-like
-numbers that fail the Luhn check, which must stay), and an evaluation set of passages taken from some documents
-(written next to OUT as OUT.eval.jsonl), which decontamination must find. What was planted where is written to
-OUT.manifest.json. Tests and benchmarks use the same pieces (near_copy, pii_items, shingle_jaccard).
+default), documents carrying PII (e-mails, public IPs, valid phone numbers, Luhn-valid card numbers between a
+number and an MM/YY expiry, and card-like numbers that fail the Luhn check, which must stay), and an evaluation set
+of passages taken from some documents (written next to OUT as OUT.eval.jsonl), which decontamination must find.
+What was planted where is written to OUT.manifest.json. Tests and benchmarks use the same pieces (near_copy,
+pii_items, pii_sentence, shingle_jaccard).
 """
 from __future__ import annotations
 
@@ -100,16 +101,24 @@ def public_ip(rng: random.Random) -> str:
 
 
 def pii_items(rng: random.Random) -> dict[str, str]:
-    """One of each kind; `card_invalid` fails the Luhn check and must survive scrubbing."""
+    """One of each kind; `card_invalid` fails the Luhn check and must survive scrubbing, and so must `card_before`
+    and `card_expiry`, the number just before the card and the MM/YY just after it (taken from the card's digits,
+    so that they draw nothing from `rng`)."""
     card, invalid = card_numbers(rng)
     name = rng.choice(["ann", "bob", "cleo", "dev", "eve", "finn"]) + str(rng.randint(1, 999))
+    digits = "".join(ch for ch in card if ch.isdigit())
     return {"email": f"{name}.{rng.choice(['smith', 'jones', 'lee'])}@{rng.choice(['example.com', 'mail.org'])}",
-            "ip": public_ip(rng), "phone": phone_number(rng), "card": card, "card_invalid": invalid}
+            "ip": public_ip(rng), "phone": phone_number(rng), "card": card, "card_invalid": invalid,
+            "card_before": f"#{1 + int(digits[-2])}",
+            "card_expiry": f"{1 + int(digits[5:7]) % 12:02d}/{25 + int(digits[7]) % 8}"}
 
 
 def pii_sentence(items: dict[str, str]) -> str:
+    """The sentence planting `items`: the card between a number ("#3") and its expiry ("09/27"), which a scrubber
+    must cut apart, not take for one long non-card number."""
     return (f"Write to {items['email']} or call {items['phone']} from the host at {items['ip']}, and pay with card "
-            f"{items['card']} under order number {items['card_invalid']}.")
+            f"{items['card_before']} {items['card']} {items['card_expiry']} under order number "
+            f"{items['card_invalid']}.")
 
 
 def shakespeare_documents(min_words: int = 150) -> list[str]:

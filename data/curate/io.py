@@ -137,6 +137,14 @@ def removed_record(writer, doc: Document) -> dict:
     return {"id": doc.id, "text": doc.text, "reason": doc.metadata.get("filter_reason") or writer.reason}
 
 
+def originals_writer(folder: str) -> JsonlWriter:
+    """Writes, to <folder>/<rank>.jsonl, the text a kept document had before its stage changed it, with the reason
+    (the document's filter_reason); not counted as removed."""
+    writer = JsonlWriter(folder, output_filename=SHARD, compression=None, adapter=removed_record)
+    writer.reason = "text_changed"
+    return writer
+
+
 def shard_writer(folder: str) -> JsonlWriter:
     return JsonlWriter(folder, output_filename=SHARD, compression=None, adapter=id_text)
 

@@ -1,11 +1,25 @@
 """PII scrubbing: e-mails and IPs by datatrove's PIIFormatter, phone and payment-card numbers by ours.
 
-datatrove's formatter only knows e-mail addresses and IP addresses. Cards: a run of 13-19 digits, optionally
-grouped by single spaces or dashes, not touching other digits, is replaced by <CARD> only when it passes the Luhn
-checksum; every card-like number that fails it is left exactly as it was (order numbers, ISBN-13s, ...). Phones:
-Google's libphonenumber (`phonenumbers`) finds numbers that are valid in `phone_region` or carry a +country prefix;
-a match overlapping a card-like number is left alone. Order: e-mails, IPs, cards, phones. The replacements made
-per kind go into the document's metadata for the stage's statistics.
+datatrove's formatter only knows e-mail addresses and IP addresses.
+
+Cards: a digit run (digit groups joined by single spaces or dashes) is split at its separators; every sub-span that
+starts and ends on group boundaries, holds 13-19 digits, uses one kind of separator, is not right after a "+", and
+is either one group or starts with a group of exactly 4 digits (every scheme's printed grouping does: 4-4-4-4,
+4-6-5, 4-6-4, 4-4-4-4-3) is card-like. The card-like sub-spans that pass the Luhn checksum are replaced by <CARD>,
+the longest first, then the leftmost, never two overlapping, so a card survives a digit group next to it
+("4111 1111 1111 1111 12/25", "#1 4111-1111-1111-1111", "4111-1111-1111-1111 2025"). Every card-like number that
+fails Luhn is left exactly as it was (order numbers, ISBN-13s, ...). The price: in a long run of 4-digit groups (a
+row of years "1999 2000 2001 2002 2003"), each 16-digit stretch passes Luhn by chance one time in ten and is then
+replaced.
+
+Phones: Google's libphonenumber (`phonenumbers`) finds numbers that are valid in `phone_region` or carry a
++country prefix. It reads a run of digit groups as one number ("202 555 0143 24 hours" is no valid number), so a
+run of space-separated digit groups in which it found nothing is tried again group-wise: the longest, then
+leftmost, shorter sequence of up to 5 of its groups (each of >= 2 digits, but for a leading +country) that it holds
+valid is replaced. A phone match overlapping a card-like number that failed Luhn is left alone.
+
+Order: e-mails, IPs, cards, phones. The replacements made per kind go into the document's metadata for the stage's
+statistics (stats.json: the pii stage's `replaced` and `documents_changed`).
 """
 from __future__ import annotations
 
@@ -18,9 +32,13 @@ from datatrove.utils.typeshelper import StatHints
 
 PLACEHOLDERS = {"email": "<EMAIL>", "ip": "<IP>", "phone": "<PHONE>", "card": "<CARD>"}
 
-# 13-19 digits, single spaces/dashes allowed between them, with no digit (or separator + digit) on either side
-CARD_RE = re.compile(r"(?<!\d)(?<!\d[ -])\d(?:[ -]?\d){12,18}(?![ -]?\d)")
+DIGIT_RUN_RE = re.compile(r"\d+(?:[ -]\d+)*")  # digit groups joined by single spaces or dashes (maximal)
+GROUP_RE = re.compile(r"\d+")
 DIGIT_RE = re.compile(r"\d")
+# A phone-number piece ("+1", "(202)", "555-0143", "0143") and runs of them joined by single spaces
+_PHONE_TOKEN = r"[+(]{0,2}\d(?:[\d().-]*[\d)])?"
+PHONE_TOKEN_RE = re.compile(_PHONE_TOKEN)
+PHONE_RUN_RE = re.compile(rf"(?<![\w+(.-]){_PHONE_TOKEN}(?: {_PHONE_TOKEN})+")
 
 
 def luhn_valid(digits: str) -> bool:
@@ -34,29 +52,86 @@ def luhn_valid(digits: str) -> bool:
     return total % 10 == 0
 
 
+def card_like(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, digits) of every card-like sub-span of the text's digit runs (see the module docstring)."""
+    spans = []
+    for run in DIGIT_RUN_RE.finditer(text):
+        if run.end() - run.start() < 13:
+            continue
+        groups = [(m.start(), m.end()) for m in GROUP_RE.finditer(text, run.start(), run.end())]
+        for i, (a, b) in enumerate(groups):
+            if i == 0 and a > 0 and text[a - 1] == "+":
+                continue  # +country: a phone number
+            n, first, seps = 0, b - a, set()
+            for j in range(i, len(groups)):
+                n += groups[j][1] - groups[j][0]
+                if j > i:
+                    seps.add(text[groups[j][0] - 1])
+                if n > 19 or len(seps) > 1:  # one kind of separator throughout
+                    break
+                if n >= 13 and (j == i or first == 4):
+                    spans.append((a, groups[j][1], "".join(GROUP_RE.findall(text, a, groups[j][1]))))
+    return spans
+
+
+def _pick(candidates: list[tuple[int, int, int]], free=lambda a, b: True) -> list[tuple[int, int]]:
+    """Non-overlapping (start, end) of (start, end, length) candidates: the longest first, then the leftmost."""
+    chosen: list[tuple[int, int]] = []
+    for a, b, _ in sorted(candidates, key=lambda c: (-c[2], c[0])):
+        if free(a, b) and not any(a < q and p < b for p, q in chosen):
+            chosen.append((a, b))
+    return sorted(chosen)
+
+
+def _splice(text: str, spans: list[tuple[int, int]], placeholder: str) -> str:
+    for a, b in reversed(spans):
+        text = text[:a] + placeholder + text[b:]
+    return text
+
+
 def replace_cards(text: str) -> tuple[str, int]:
-    n = 0
-
-    def sub(m: re.Match) -> str:
-        nonlocal n
-        if luhn_valid(re.sub(r"[ -]", "", m.group(0))):
-            n += 1
-            return PLACEHOLDERS["card"]
-        return m.group(0)
-
-    return CARD_RE.sub(sub, text), n
+    spans = _pick([(a, b, len(d)) for a, b, d in card_like(text) if luhn_valid(d)])
+    return _splice(text, spans, PLACEHOLDERS["card"]), len(spans)
 
 
 def replace_phones(text: str, region: str) -> tuple[str, int]:
     import phonenumbers
 
-    protected = [m.span() for m in CARD_RE.finditer(text)]  # the card-like numbers that failed Luhn
-    spans = [(m.start, m.end) for m in phonenumbers.PhoneNumberMatcher(text, region,
-                                                                        leniency=phonenumbers.Leniency.VALID)
-             if not any(m.start < b and a < m.end for a, b in protected)]
-    for a, b in reversed(spans):
-        text = text[:a] + PLACEHOLDERS["phone"] + text[b:]
-    return text, len(spans)
+    # the card-like numbers left: with cards scrubbed first, exactly those that failed Luhn (with cards off, every
+    # card-like number: a card is never reported as a phone)
+    protected = [(a, b) for a, b, _ in card_like(text)]
+
+    def free(a: int, b: int) -> bool:
+        return not any(a < q and p < b for p, q in protected)
+
+    def matches(s: str):
+        return phonenumbers.PhoneNumberMatcher(s, region, leniency=phonenumbers.Leniency.VALID)
+
+    spans = [(m.start, m.end) for m in matches(text) if free(m.start, m.end)]
+    for run in PHONE_RUN_RE.finditer(text):  # numbers with other digit groups next to them
+        if any(a < run.end() and run.start() < b for a, b in spans):
+            continue
+        tokens = [(run.start() + m.start(), run.start() + m.end(), len(DIGIT_RE.findall(m.group())))
+                  for m in PHONE_TOKEN_RE.finditer(run.group())]
+        candidates = []
+        for i in range(len(tokens)):
+            n = 0
+            for j in range(i, min(i + 5, len(tokens))):
+                if tokens[j][2] < 2 and not (j == i and text[tokens[j][0]] == "+"):
+                    break  # a one-digit group is no part of a phone number, but for +country ("+1")
+                n += tokens[j][2]
+                if n > 17:
+                    break
+                if n >= 7 and (i, j) != (0, len(tokens) - 1):  # the whole run was tried already
+                    candidates.append((tokens[i][0], tokens[j][1], n))
+        for a, b, n in sorted(candidates, key=lambda c: (-c[2], c[0])):
+            if not free(a, b) or any(a < q and p < b for p, q in spans):
+                continue
+            sub = text[a:b]
+            if any(m.start == 0 and m.end == len(sub) for m in matches(sub)):
+                spans.append((a, b))
+    spans.sort()
+    return _splice(text, spans, PLACEHOLDERS["phone"]), len(spans)
 
 
 class ScrubPII(BaseFormatter):
@@ -94,6 +169,7 @@ class ScrubPII(BaseFormatter):
                 doc.text, counts = self.scrub(doc.text)
             if counts:
                 doc.metadata["pii"] = counts  # read (and dropped) by the stage's StatsStep
+                doc.metadata["changed"] = True
                 for kind, n in counts.items():
                     self.stat_update(f"replaced_{kind}", value=n)
             yield doc

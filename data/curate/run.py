@@ -6,8 +6,11 @@ and the executor. The output folder must be new or empty, or hold an unfinished 
 input (its fingerprint, DIR/work/spec.json: the input files' sizes and modification times, the stages and their
 settings, tasks, output format; not the executor or the number of workers, which do not change results): then the
 curation continues, and datatrove's completion markers (DIR/work/logs/<job>/completions/) skip every task that
-finished before. Anything else is refused unless `overwrite`, which empties the folder (never the folder itself,
-nor a folder that is /, the home folder, the current folder or one above them, or holds the input).
+finished before. Anything else (a finished curation, another spec's, a DIR/work/spec.json that is not a curation's,
+other files) is refused in one line unless `overwrite`. `overwrite` empties the folder first, whatever it holds, an
+unfinished curation of the same spec too: the curation starts clean, nothing is resumed (it never removes the
+folder itself, nor empties a folder that is /, the home folder, the current folder or one above them, or holds
+the input).
 
 Progress: one line per stage on stderr (documents in and out, seconds); datatrove's own logging and bars go to
 DIR/work/logs/curate.log and its per-task logs.
@@ -125,6 +128,22 @@ def _clear(folder: Path) -> None:
             shutil.rmtree(child)
 
 
+def _saved_fingerprint(saved_path: Path, path: str) -> dict | None:
+    """The fingerprint an earlier curation left in DIR/work/spec.json (None when there is none); a file there that
+    is not one (truncated, foreign) is refused in one line, as a folder holding something else."""
+    if not saved_path.is_file():
+        return None
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        saved = None
+    fp = saved.get("fingerprint") if isinstance(saved, dict) else None
+    if not isinstance(fp, dict):
+        raise UserError(f"output.path: {path} is not empty and its work/spec.json is not a curation's (unreadable "
+                        "or foreign); pass --overwrite to replace its contents, or choose another --output")
+    return fp
+
+
 def prepare_output(path: str, fp: dict, overwrite: bool, inputs: list[Path]) -> tuple[Path, bool]:
     """The output folder, ready: (folder, resuming). Refuses what is not a new, empty or unfinished same-spec one."""
     out = Path(path).expanduser().resolve()
@@ -135,13 +154,18 @@ def prepare_output(path: str, fp: dict, overwrite: bool, inputs: list[Path]) -> 
             raise UserError(f"output.path: {path} holds the input {f}; choose an output folder outside the input")
         if f.is_dir() and f in out.parents:
             raise UserError(f"output.path: {path} is inside the input folder {f}; choose an output folder outside it")
-    saved_path = out / "work" / "spec.json"
     if out.is_dir() and any(out.iterdir()):
-        saved = json.loads(saved_path.read_text()).get("fingerprint") if saved_path.is_file() else None
-        finished = (out / "stats.json").is_file()
-        if saved == fp and not finished:
-            return out, True
-        if not overwrite:
+        if overwrite:  # start clean, whatever the folder holds (a finished or unfinished curation too)
+            danger = _dangerous(out)
+            if danger:
+                raise UserError(f"output.path: refusing to empty {path}: it is {danger}; give --output a folder of "
+                                "its own")
+            _clear(out)
+        else:
+            saved = _saved_fingerprint(out / "work" / "spec.json", path)
+            finished = (out / "stats.json").is_file()
+            if saved == fp and not finished:
+                return out, True
             if saved == fp:
                 why = "holds a finished curation of this spec and input (stats.json)"
             elif saved is not None:
@@ -152,11 +176,6 @@ def prepare_output(path: str, fp: dict, overwrite: bool, inputs: list[Path]) -> 
                 why = "is not empty"
             raise UserError(f"output.path: {path} {why}; pass --overwrite to replace its contents, or choose "
                             "another --output")
-        danger = _dangerous(out)
-        if danger:
-            raise UserError(f"output.path: refusing to empty {path}: it is {danger}; give --output a folder of its "
-                            "own")
-        _clear(out)
     out.mkdir(parents=True, exist_ok=True)
     return out, False
 
@@ -218,7 +237,10 @@ def curate(cfg: CurateConfig, overwrite: bool = False) -> dict:
     (layout.work / "spec.json").write_text(json.dumps({"fingerprint": fp, "spec": cfg.to_dict()}, indent=2))
     workers = local_workers(cfg.run.workers) if cfg.run.executor == "local" else cfg.run.workers
     timings_path = layout.work / "timings.json"
-    timings = json.loads(timings_path.read_text()) if resuming and timings_path.is_file() else {}
+    try:
+        timings = json.loads(timings_path.read_text()) if resuming and timings_path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        timings = {}  # only the progress lines' seconds; a broken file restarts them
     with redirected(str(layout.work / "logs" / "curate.log")) as terminal:
         jobs = plan(cfg, layout, [(str(f), f.stat().st_size) for f in files], str(root), [str(f) for f in evals],
                     _header(cfg, out, workers))  # datatrove's steps log as they are made

@@ -21,6 +21,16 @@ at 0.7 0.29, at 0.6 0.07 and at 0.5 0.012. (datatrove's own default, 14 x 8, has
 Given explicitly, bands and rows must multiply to num_hashes and put t within 0.05 of the threshold, so that a spec
 never says one threshold and runs another. A detected pair is not verified against its full signature: precision
 comes from the curve alone (see stats.json's `minhash.catch_probability`).
+
+What holds at which similarity (the default 12 x 10, measured in tests/test_curate.py on random-word documents
+with 100 planted near duplicates at 0.87-0.95, 60 negatives at 0.45-0.50 and 60 at 0.68-0.75): recall >= 0.95 on
+pairs at >= 0.85 (measured 1.00), with precision >= 0.95 against negatives at <= 0.5 (measured 1.00, none
+caught). Negatives just under the threshold are caught as the curve says, not refused: 24 of the 60 at 0.68-0.75
+(20.7 expected), so precision with them counted is 0.81. That is the documented price of LSH without
+verification, not a setting to fix: the banding is picked for threshold 0.8, and no banding of a practical number
+of hashes tells 0.75 from 0.85 at 95%/95% (catching >= 95% of pairs at 0.85 and <= 5% at 0.75 takes ~21,000
+hashes). Catching >= 95% at 0.85 and <= 5% at 0.6 takes 240: --minhash.num_hashes 240 --minhash.threshold 0.78
+(20 x 12). Each removed document is in DIR/removed/minhash_dedup/, to check a pair's similarity.
 """
 from __future__ import annotations
 
@@ -127,8 +137,9 @@ class GopherRepetitionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class C4Config:
-    """C4's rules (Raffel et al. 2020, datatrove's C4QualityFilter). Line rules drop lines and keep the document;
-    document rules drop it. -1 turns a count rule off."""
+    """C4's rules (Raffel et al. 2020, datatrove's C4QualityFilter). Line rules drop lines and keep the document
+    (its text changed: stats.json counts c4's `lines_dropped` per rule and `documents_changed`, and the text before
+    goes to DIR/removed/c4_lines/); document rules drop it. -1 turns a count rule off."""
     split_paragraph: bool = True  # lines are "\n"-separated; false: spaCy sentences instead
     remove_citations: bool = True  # strip Wikipedia-style [1], [edit], [citation needed]
     filter_no_terminal_punct: bool = True  # drop lines not ending in . ! ? " ' (verse and dialogue lose most lines)
@@ -143,9 +154,11 @@ class C4Config:
 
 @dataclasses.dataclass(frozen=True)
 class PIIConfig:
-    """Replaced by <EMAIL>, <IP>, <PHONE>, <CARD>. E-mails and IPs by datatrove's PIIFormatter; phones by Google's
-    libphonenumber (the `phonenumbers` package, numbers valid in `phone_region` or written with +country); cards:
-    13-19 digits with optional spaces or dashes that pass the Luhn check (others stay untouched)."""
+    """Replaced by <EMAIL>, <IP>, <PHONE>, <CARD> in the documents' text (stats.json counts pii's `replaced` per
+    kind and `documents_changed`; run.keep_work keeps the text before, in DIR/work/shards/). E-mails and IPs by
+    datatrove's PIIFormatter; phones by Google's libphonenumber (the `phonenumbers` package, numbers valid in
+    `phone_region` or written with +country); cards: 13-19 digits, grouped by spaces or dashes, that pass the Luhn
+    check, found also next to other digit groups (others stay untouched; data/curate/pii.py has the rules)."""
     emails: bool = True
     ips: bool = True
     only_public_ips: bool = True  # private, loopback and reserved addresses are not personal

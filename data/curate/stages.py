@@ -14,9 +14,12 @@ Hashing is datatrove's sha1 (its default xxhash breaks with xxhash 4.x). The inp
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections import Counter
 from pathlib import Path
 
+from datatrove.data import Document
 from datatrove.pipeline.dedup import (ExactDedupFilter, ExactDedupSignature, ExactFindDedups, MinhashDedupBuckets,
                                       MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature)
 from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig as DTExactConfig
@@ -25,7 +28,8 @@ from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter, Gop
 from datatrove.utils.hashing import HashConfig
 
 from data.curate.decontam import Decontaminate
-from data.curate.io import JsonlRangeReader, RemovedWriter, ShardReader, output_writer, shard_writer
+from data.curate.io import (JsonlRangeReader, RemovedWriter, ShardReader, originals_writer, output_writer,
+                            shard_writer)
 from data.curate.pii import ScrubPII
 from data.curate.spec import CurateConfig, bands_rows
 from data.curate.stats import Finalize, StatsStep
@@ -73,17 +77,52 @@ class Layout:
 
 
 class C4Filter(C4QualityFilter):
-    """C4's rules, and a document whose lines were all dropped is removed rather than kept empty (only possible
+    """C4's rules, and what they change in kept documents recorded. C4's line rules drop lines (and strip each
+    line, and remove citations) in documents it keeps: the dropped lines per rule go into the document's metadata
+    for the stage's statistics (stats.json: c4's `lines_dropped` and `documents_changed`), and the text a kept
+    document had before, when C4 dropped lines from it (reason lines_dropped) or changed more than whitespace
+    (text_edited, e.g. citations removed), goes to DIR/removed/c4_lines/ (not counted as removed). A document
+    whose lines were all dropped is removed, with its text as it came in, rather than kept empty (only possible
     with c4.min_num_sentences -1)."""
 
+    def __init__(self, *args, originals_writer=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.originals_writer = originals_writer
+        self._dropped: Counter = Counter()
+
+    def stat_update(self, *labels, value: int = 1, unit: str | None = None):
+        for label in labels:
+            if label.startswith("line-filter-"):
+                self._dropped[label[len("line-filter-"):]] += value
+        super().stat_update(*labels, value=value, unit=unit)
+
     def filter(self, doc):
+        original = doc.text
+        self._dropped = Counter()
         result = super().filter(doc)
-        if result is True and not doc.text.strip():
+        if result is not True:
+            return result
+        if not doc.text.strip():
+            doc.text = original
             return False, "c4_no_lines_left"
+        if doc.text != original:
+            doc.metadata["changed"] = True  # read (and dropped) by the stage's StatsStep, as c4_lines is
+            if self._dropped:
+                doc.metadata["c4_lines"] = dict(self._dropped)
+            if self._dropped or "".join(doc.text.split()) != "".join(original.split()):
+                doc.metadata["c4_original"] = (original, "lines_dropped" if self._dropped else "text_edited")
         return result
 
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        with self.originals_writer if self.originals_writer else contextlib.nullcontext() as writer:
+            for doc in super().run(data, rank, world_size):
+                before = doc.metadata.pop("c4_original", None)
+                if before and writer:
+                    writer.write(Document(text=before[0], id=doc.id, metadata={"filter_reason": before[1]}), rank)
+                yield doc
 
-def _filter_step(cfg: CurateConfig, stage: str, writer: RemovedWriter, eval_files: list[str]):
+
+def _filter_step(cfg: CurateConfig, stage: str, writer: RemovedWriter, eval_files: list[str], layout: Layout):
     if stage == "gopher_quality":
         g = cfg.gopher_quality
         return GopherQualityFilter(
@@ -105,7 +144,8 @@ def _filter_step(cfg: CurateConfig, stage: str, writer: RemovedWriter, eval_file
             filter_no_terminal_punct=c.filter_no_terminal_punct, min_num_sentences=c.min_num_sentences,
             min_words_per_line=c.min_words_per_line, max_word_length=c.max_word_length,
             filter_lorem_ipsum=c.filter_lorem_ipsum, filter_javascript=c.filter_javascript,
-            filter_curly_bracket=c.filter_curly_bracket, filter_policy=c.filter_policy)
+            filter_curly_bracket=c.filter_curly_bracket, filter_policy=c.filter_policy,
+            originals_writer=originals_writer(layout.removed("c4_lines")))
     if stage == "decontaminate":
         d = cfg.decontaminate
         return Decontaminate(eval_files, text_field=d.text_field, n=d.n, exclusion_writer=writer)
@@ -164,7 +204,8 @@ def plan(cfg: CurateConfig, layout: Layout, input_files: list[tuple[str, int]], 
             jobs.append(Job(tag, stage, [ShardReader(src), *tail], n))  # no evaluation set: passes everything
         else:
             removed = RemovedWriter(layout.removed(stage), stats, stage)
-            jobs.append(Job(tag, stage, [ShardReader(src), _filter_step(cfg, stage, removed, eval_files), *tail], n))
+            step = _filter_step(cfg, stage, removed, eval_files, layout)
+            jobs.append(Job(tag, stage, [ShardReader(src), step, *tail], n))
         src = layout.shards(i, stage)
     jobs.append(Job(f"{len(stages) + 1:02d}_stats", "stats",
                     [Finalize(str(layout.root), stats_dirs, header, cfg.run.keep_work)], 1))

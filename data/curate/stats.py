@@ -1,7 +1,9 @@
 """Statistics before the first stage and after each one, merged into DIR/stats.json.
 
 Each stage's pipeline ends with a `StatsStep` that counts the documents it passes (documents, tokens, characters,
-UTF-8 bytes, a token-length histogram, and PII replacements the stage reported) and writes one small JSON per task.
+UTF-8 bytes, a token-length histogram, and what the stage changed in the documents it kept: `documents_changed`,
+PII replacements per kind (`replaced`), C4's dropped lines per rule (`lines_dropped`)) and writes one small JSON per
+task.
 Removal reasons come from the stage's RemovedWriter (io.py), skipped input lines from the input reader. `merge_stage`
 adds a stage's task files up; `Finalize` (the last job, so it also runs on a cluster) writes stats.json and the
 plots. Tokens are counted with text.TOKEN_RE: runs of word characters plus each punctuation mark on its own.
@@ -27,7 +29,8 @@ EDGES = [0] + sorted({int(2 ** (k / 4)) for k in range(97)})
 
 
 def _snapshot() -> dict:
-    return {"documents": 0, "tokens": 0, "characters": 0, "bytes": 0, "replaced": {}, "hist": [0] * len(EDGES)}
+    return {"documents": 0, "tokens": 0, "characters": 0, "bytes": 0, "documents_changed": 0, "replaced": {},
+            "lines_dropped": {}, "hist": [0] * len(EDGES)}
 
 
 class StatsStep(PipelineStep):
@@ -41,7 +44,7 @@ class StatsStep(PipelineStep):
         self.folder = folder
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        snap, replaced = _snapshot(), Counter()
+        snap, replaced, lines = _snapshot(), Counter(), Counter()
         for doc in data:
             with self.track_time():
                 text = doc.text
@@ -52,8 +55,10 @@ class StatsStep(PipelineStep):
                 snap["bytes"] += len(text.encode("utf-8", "surrogatepass"))
                 snap["hist"][bisect.bisect_right(EDGES, tokens) - 1] += 1
                 replaced.update(doc.metadata.pop("pii", None) or {})
+                lines.update(doc.metadata.pop("c4_lines", None) or {})
+                snap["documents_changed"] += bool(doc.metadata.pop("changed", False))
             yield doc
-        snap["replaced"] = dict(replaced)
+        snap["replaced"], snap["lines_dropped"] = dict(replaced), dict(lines)
         with get_datafolder(self.folder).open(f"{rank:05d}.json", "w") as f:
             json.dump(snap, f)
 
@@ -66,11 +71,13 @@ def merge_stage(folder: Path) -> dict:
     """One stage's statistics from its tasks' files: the kept documents' counts plus removal/skip reasons."""
     total = _snapshot()
     replaced: Counter = Counter()
+    lines: Counter = Counter()
     for snap in _read_jsons(folder, "[0-9]*.json"):
-        for k in ("documents", "tokens", "characters", "bytes"):
-            total[k] += snap[k]
+        for k in ("documents", "tokens", "characters", "bytes", "documents_changed"):
+            total[k] += snap.get(k, 0)
         total["hist"] = [a + b for a, b in zip(total["hist"], snap["hist"])]
         replaced.update(snap["replaced"])
+        lines.update(snap.get("lines_dropped", {}))
     removed, skipped = Counter(), Counter()
     for counts in _read_jsons(folder, "removed_*.json"):
         removed.update(counts)
@@ -80,8 +87,12 @@ def merge_stage(folder: Path) -> dict:
     out["removed_by_reason"] = dict(sorted(removed.items()))
     if skipped:
         out["skipped"] = dict(sorted(skipped.items()))
+    if total["documents_changed"]:  # kept documents whose text the stage changed (c4's line drops, pii)
+        out["documents_changed"] = total["documents_changed"]
     if replaced:
         out["replaced"] = dict(sorted(replaced.items()))
+    if lines:
+        out["lines_dropped"] = dict(sorted(lines.items()))
     last = max((i for i, c in enumerate(total["hist"]) if c), default=0)
     out["length_histogram"] = {"unit": "tokens", "edges": EDGES[: last + 2], "counts": total["hist"][: last + 1]}
     return out
