@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from data.config import DataConfig, SourceConfig
+from data.build_once import process_count
 from data.loader import Batch, WindowLoader, eval_batches
 from data.sources import read_text, text_splits
 from data.tokenize import Tokenizer, build_tokenizer, load_tokenizer
@@ -82,7 +83,14 @@ def build_pipeline(cfg: DataConfig, *, batch_size: int, seq_len: int, seed: int,
                    workdir: Path | None = None) -> Pipeline:
     """The pipeline for a data section; a run's saved tokenizer (workdir/tokenizer.json) wins over a new one."""
     saved = workdir / "tokenizer.json" if workdir else None
-    tokenizer = load_tokenizer(saved) if saved is not None and saved.exists() else None
+    have_saved = saved is not None and saved.exists()
+    if saved is not None and process_count() > 1:
+        # every process must take the same path: fitting the tokenizer is a collective (data/build_once.py), so a
+        # process that cannot see the saved file (a workdir per host, a stale NFS listing) fits it with the others
+        from parallel.hosts import any_process
+
+        have_saved = not any_process(not have_saved)
+    tokenizer = load_tokenizer(saved) if have_saved else None
     if cfg.mode == "packed":
         from data import hub
         from data.packed import PackedPipeline  # imports HF datasets, which the windows mode never needs

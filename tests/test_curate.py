@@ -459,3 +459,16 @@ def test_c4_records_dropped_lines_and_keeps_the_text_it_changed(tmp_path):
     originals = _read(tmp_path / "out" / "removed" / "c4_lines")  # the text before C4 changed it
     assert {i: (r["text"], r["reason"]) for i, r in originals.items()} == {
         i: (r["text"], "lines_dropped") for i, r in ((r["id"], r) for r in records) if i != "clean"}
+
+
+def test_bench_data_curate_reports_both_worker_counts(tmp_path, capsys):
+    """The throughput command runs the default spec with 2 and 1 workers on a generated corpus and reports both,
+    with identical kept documents."""
+    assert main(["bench-data", "curate", "--mb", "0.05", "--workers", "2,1", "--workdir", str(tmp_path / "b"),
+                 "--json", str(tmp_path / "bench.json")]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert [(r["workers"], r["identical"]) for r in result["best"]] == [(2, True), (1, True)]
+    best = result["best"][0]
+    assert best["documents_in"] == result["planted"]["documents"] > best["documents_out"] > 0
+    assert best["docs_per_s"] > 0 and best["mb_per_s"] > 0 and result["cpu"]
+    assert "identical" in capsys.readouterr().out
