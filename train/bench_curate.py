@@ -11,7 +11,6 @@ the input file. The first local run starts datatrove's process pool; that start 
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import random
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 from parallel.errors import UserError
+from train.bench_tokenize import aligned
 from train.hardware import cpu_model, load_average
 
 DEFAULT_SPEC = str(Path(__file__).resolve().parents[1] / "experiments" / "curate_default.py")
@@ -120,7 +120,6 @@ def bench_curate(*, mb: float = 100.0, input_path: str = "", spec: str = DEFAULT
             for w in workers:
                 out = folder / f"out-{w}"
                 cfg = apply_overrides(base, {"output.path": str(out), "run.workers": w})
-                cfg = dataclasses.replace(cfg)
                 t0 = time.perf_counter()
                 stats = curate(cfg, overwrite=True)
                 seconds = time.perf_counter() - t0
@@ -154,9 +153,4 @@ def format_result(result: dict) -> str:
         head += (f"\nplanted: {p['documents']:,} documents, {p['exact']} exact and {p['near']} near copies, "
                  f"{p['pii']} with PII, {p['eval']} evaluation passages")
     columns = ("workers", "seconds", "documents_in", "documents_out", "docs_per_s", "mb_per_s", "vs_first", "identical")
-    rows = [[f"{r[c]:,}" if isinstance(r[c], int) and not isinstance(r[c], bool) else str(r[c]) for c in columns]
-            for r in result["best"]]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
-    return "\n".join([head, *lines])
+    return "\n".join([head, *aligned(result["best"], columns)])

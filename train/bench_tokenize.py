@@ -154,9 +154,13 @@ def format_result(result: dict) -> str:
             f"{result['load_average_before']} before, {result['load_average_after']} after; {n} busy loops ran "
             f"{result['parallel_capacity']}x as fast as one (the most {n} processes can reach now; ideal {n})")
     columns = ("tokenizer", "num_proc", "build_s", "mb_per_s", "docs_per_s", "tokens_per_s", "speedup", "identical")
+    return "\n".join([head, *aligned(result["best"], columns)])
+
+
+def aligned(records: list[dict], columns: tuple[str, ...]) -> list[str]:
+    """A header line and one line per record, each column right-aligned (integers with thousands separators)."""
     rows = [[f"{r[c]:,}" if isinstance(r[c], int) and not isinstance(r[c], bool) else str(r[c]) for c in columns]
-            for r in result["best"]]
+            for r in records]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
-    return "\n".join([head, *lines])
+    return ["  ".join(c.rjust(w) for c, w in zip(columns, widths)),
+            *("  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows)]
