@@ -264,6 +264,7 @@ def test_bench_compare_edge_reports_every_artifact(run, tmp_path):
     assert "tokens/s" in r.stdout and got["cpu"] in r.stdout
 
 
+@pytest.mark.slow  # 79 s on the 2-core EPYC, the suite's longest; the int8 export itself stays in the fast tier above
 def test_quantization_aware_run_exports_as_it_trained(tmp_path):
     """An int8 QAT run: exported as is (fake quantization in the artifact) and with --quantize int8 (the int8
     weights training computed with, stored), through jax and IREE: the tokens `sample` gives. IREE wraps an int8
