@@ -12,14 +12,15 @@ most clients hold mostly one source; each round draws 4 clients without replacem
 3 rows of its own windows from a fresh optimizer state, and the server averages the 4 models, weighted by the
 clients' windows (outer SGD at lr 1: FedAvg). 1,000 steps = 40 rounds; the validation split is the whole mixture's.
 
-Measured on a 2-core AMD EPYC VM (validation loss at step 1,000; bytes: each client's upload, all rounds):
-- FedAvg, Dirichlet 0.1 (this file): 1.4590, 0.51 GB sent vs 12.9 GB for synchronous data parallel (25x less)
-- FedProx, --outer.prox_mu 0.01: 1.4651 (no gain over FedAvg here)
-- the same clients split IID (--outer.partition iid): 1.3508, so the non-IID split costs 0.108 nats
+Measured on a 2-core AMD EPYC VM (validation loss at step 1,000; bytes: each client's upload, all rounds; re-measured
+after issue 14 packed each split as one stream, which moved every figure by 0.004-0.025):
+- FedAvg, Dirichlet 0.1 (this file): 1.4485, 0.51 GB sent vs 12.9 GB for synchronous data parallel (25x less)
+- FedProx, --outer.prox_mu 0.01: 1.4772 (no gain over FedAvg here)
+- the same clients split IID (--outer.partition iid): 1.3520, so the non-IID split costs 0.097 nats
 - synchronous training on the same tokens, no clients (--outer.replicas 0 --outer.clients 0 --mesh.replica 1
-  --mesh.data -1): 1.2721; FedAvg costs 0.19 nats over these non-IID clients, 0.08 over IID ones
-- DP-FedAvg, updates clipped to 2, noise multiplier 0.01 on the sum: 1.7729, at epsilon 4.0e5 (delta 1e-5): the
-  noise already costs 0.31 nats while the privacy bought is nil. With 16 clients no noise level gives both; the run
+  --mesh.data -1): 1.2682; FedAvg costs 0.18 nats over these non-IID clients, 0.08 over IID ones
+- DP-FedAvg, updates clipped to 2, noise multiplier 0.01 on the sum: 1.7476, at epsilon 4.0e5 (delta 1e-5): the
+  noise already costs 0.30 nats while the privacy bought is nil. With 16 clients no noise level gives both; the run
   shows the mechanism and its accounting, which matter at thousands of clients.
 """
 import dataclasses
