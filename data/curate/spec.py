@@ -38,13 +38,14 @@ import dataclasses
 import difflib
 import importlib.util
 import json
-import math
 import sys
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 from parallel.errors import UserError
+from parallel.overrides import field_types
+from parallel.overrides import parse_value as shared_parse_value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,48 +224,11 @@ def _fail(key: str, message: str) -> typing.NoReturn:
 
 
 def parse_value(key: str, raw: Any, tp: Any) -> Any:
-    """A command-line string (or a Python value) as the field's type, or a UserError naming the key."""
+    """The shared parser (parallel/overrides.py), plus the spec's one type of its own: ((n, share), ...) pairs."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        for a in args:
-            if raw == a or str(raw) == str(a):
-                return a
-        _fail(key, f"{raw!r} is not allowed; use one of {', '.join(repr(a) for a in args)}")
-    if tp is bool:
-        if isinstance(raw, bool):
-            return raw
-        s = str(raw).lower()
-        if s in ("1", "true", "yes", "on"):
-            return True
-        if s in ("0", "false", "no", "off"):
-            return False
-        _fail(key, f"expects true or false, got {raw!r}")
-    if tp is int:
-        if isinstance(raw, int) and not isinstance(raw, bool):
-            return raw
-        try:
-            f = float(str(raw).replace("_", ""))
-        except ValueError:
-            f = math.nan
-        if f.is_integer():
-            return int(f)
-        _fail(key, f"expects an integer, got {raw!r}")
-    if tp is float:
-        try:
-            value = float(raw)
-        except (TypeError, ValueError):
-            _fail(key, f"expects a number, got {raw!r}")
-        if not math.isfinite(value):
-            _fail(key, f"expects a finite number, got {raw!r}")
-        return value
-    if tp is str:
-        return str(raw)
-    if origin is tuple and args == (str, ...):
-        items = raw if isinstance(raw, (list, tuple)) else [s for s in str(raw).split(",")]
-        return tuple(str(s).strip() for s in items if str(s).strip())
     if origin is tuple and args and typing.get_origin(args[0]) is tuple:  # ((n, share), ...)
         return _parse_pairs(key, raw)
-    _fail(key, "cannot be set from the command line")
+    return shared_parse_value(key, raw, tp)
 
 
 def _parse_pairs(key: str, raw: Any) -> tuple[tuple[int, float], ...]:
@@ -283,14 +247,9 @@ def _parse_pairs(key: str, raw: Any) -> tuple[tuple[int, float], ...]:
     return pairs
 
 
-def _field_types(section: Any) -> dict[str, Any]:
-    hints = typing.get_type_hints(type(section))
-    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
-
-
 def apply_overrides(cfg: CurateConfig, overrides: dict[str, Any]) -> CurateConfig:
     """Apply {'minhash.threshold': '0.7', 'stages': 'exact_dedup,pii', ...}; unknown keys and wrong types raise."""
-    top = _field_types(cfg)
+    top = field_types(cfg)
     changes: dict[str, dict[str, Any]] = {}
     for key, raw in overrides.items():
         if key in ("stages", "name"):
@@ -301,7 +260,7 @@ def apply_overrides(cfg: CurateConfig, overrides: dict[str, Any]) -> CurateConfi
             close = difflib.get_close_matches(section, SECTIONS, n=1)
             hint = f"did you mean '{close[0]}.{field}'? " if close and field else ""
             _fail(key, f"unknown spec key; {hint}sections are {', '.join(SECTIONS)} (and stages, name)")
-        types_ = _field_types(getattr(cfg, section))
+        types_ = field_types(getattr(cfg, section))
         if field not in types_:
             close = difflib.get_close_matches(field, types_, n=1)
             hint = f"did you mean '{section}.{close[0]}'? " if close else ""
